@@ -1,0 +1,101 @@
+"""The `spec` command: one click group; every installed package adds subcommands.
+
+A package registers a subcommand through the `spec.commands` entry-point group, e.g. in its pyproject:
+
+    [project.entry-points."spec.commands"]
+    datagen = "spec_datagen.cli:datagen"
+
+Subcommand modules import their heavy dependencies (torch, vllm) inside the command function, so
+`spec --help` stays fast and works where only spec-format is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from importlib.metadata import PackageNotFoundError, entry_points, version
+
+import click
+
+from spec_format.errors import SpecError
+
+ENTRY_POINT_GROUP = "spec.commands"
+PACKAGES = ("spec-format", "spec-datagen", "spec-models", "spec-train", "spec-convert")
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of the spec packages installed in this environment."""
+    found = {}
+    for name in PACKAGES:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _print_versions(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    for name, v in installed_versions().items():
+        click.echo(f"{name} {v}")
+    ctx.exit()
+
+
+class _PluginGroup(click.Group):
+    """Lists and loads subcommands from the `spec.commands` entry points on demand."""
+
+    def _entry_points(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._entry_points()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        ep = self._entry_points().get(name)
+        return ep.load() if ep is not None else None
+
+
+@click.group(cls=_PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_versions,
+    help="Print the version of every installed spec package and exit.",
+)
+def cli() -> None:
+    """Train and serve speculative-decoding drafts for vLLM."""
+
+
+def main() -> None:
+    """Console entry point: a SpecError anywhere becomes one line on stderr and exit code 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except SpecError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True))
+def validate(path: str) -> None:
+    """Validate a speculator checkpoint or a dataset directory."""
+    raise SpecError(f"{path}: validation is not implemented yet")
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(exists=True))
+def inspect_cmd(path: str) -> None:
+    """Summarise a speculator checkpoint or a dataset directory."""
+    raise SpecError(f"{path}: inspect is not implemented yet")
