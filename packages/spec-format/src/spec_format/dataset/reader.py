@@ -81,6 +81,7 @@ class Dataset:
     def __getitem__(self, i: int) -> Sample:
         k, j = self.locate(i)
         s = self.shard(k)
+        s.prefetch(j)
         return Sample(
             s.array(j, "token_ids"), s.array(j, "loss_mask"), s.hidden(j), int(s.index[j, 0]), s.extras(j)
         )
@@ -88,6 +89,7 @@ class Dataset:
     def raw(self, i: int) -> RawSample:
         k, j = self.locate(i)
         s = self.shard(k)
+        s.prefetch(j)
         scale = s.array(j, "hidden_scale") if self.manifest.dtype == "fp8" else None
         return RawSample(
             s.array(j, "token_ids"),

@@ -68,7 +68,7 @@ class DatasetWriter:
         num_shards: int = 1,
         resume: bool = False,
         command: str = "",
-        zstd_level: int = 3,
+        zstd_level: int = 1,
     ):
         if dtype not in DTYPES:
             raise SpecError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
