@@ -34,9 +34,10 @@ from safetensors import TensorSpec, serialize_file
 from tqdm import tqdm
 
 from spec_format.dataset import Dataset, DatasetWriter
+from spec_format.dataset.encoding import encode_hidden
 from spec_format.dataset.synthetic import synthetic_sample
 from spec_format.fingerprint import TargetInfo, default_eagle3_layers
-from spec_format.tensors import float32_to_bf16_bits, load_tensors
+from spec_format.tensors import load_tensors
 
 OPTIONS = {  # label -> (dtype, compression)
     "fp32": ("fp32", None),
@@ -131,7 +132,7 @@ def write_theirs(src: Source, path: Path, dtype: str) -> tuple[float, int]:
     for i in progress(range(src.n), f"write theirs {dtype}"):
         tok, _, hid = src[i]
         t0 = time.perf_counter()
-        data = float32_to_bf16_bits(hid) if dtype == "bf16" else np.ascontiguousarray(hid, np.float32)
+        data = encode_hidden(hid, dtype)[0]  # the same bf16 rounding code as ours
         tok = np.ascontiguousarray(tok, np.int32)
         f = path / f"hs_{i}.safetensors"
         serialize_file(

@@ -7,6 +7,7 @@ subprocesses run this very file's child_main() (real processes, real SIGKILL).
 
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -62,17 +63,15 @@ def writer(path: Path, **kw) -> DatasetWriter:
     return DatasetWriter(path, **kw)
 
 
+def add_row(w: DatasetWriter, i: int) -> None:
+    for tok, mask, hid in row_samples(i):
+        w.add(source_index=i, token_ids=tok, loss_mask=mask, hidden=hid, extra={"pos": np.arange(len(tok))})
+
+
 def write(path: Path, rows, **kw) -> DatasetManifest:
     with writer(path, **kw) as w:
         for i in rows:
-            for tok, mask, hid in row_samples(i):
-                w.add(
-                    source_index=i,
-                    token_ids=tok,
-                    loss_mask=mask,
-                    hidden=hid,
-                    extra={"pos": np.arange(len(tok))},
-                )
+            add_row(w, i)
     return w.manifest
 
 
@@ -249,29 +248,29 @@ CHILD = (
 
 def child_main(cfg_json: str) -> None:
     """A writer process: job `job` of `jobs` over rows job, job + jobs, ... < rows, resuming; prints
-    STARTED once open, READY (then sleeps forever) after row `pause_after`, or holds the lock if `hold`."""
+    STARTED once open, READY (then sleeps forever) after row `pause_after`, or holds the lock if `hold`.
+    A SpecError is printed as "ERROR <message>" with exit code 3."""
     cfg = json.loads(cfg_json)
-    with writer(
-        Path(cfg["out"]), resume=True, shard_index=cfg.get("job", 0), num_shards=cfg.get("jobs", 1)
-    ) as w:
-        print("STARTED", flush=True)
-        if cfg.get("hold"):
-            time.sleep(3600)
-        for i in range(cfg.get("job", 0), cfg["rows"], cfg.get("jobs", 1)):
-            if i < w.next_source_index:
-                continue
-            for tok, mask, hid in row_samples(i):
-                w.add(
-                    source_index=i,
-                    token_ids=tok,
-                    loss_mask=mask,
-                    hidden=hid,
-                    extra={"pos": np.arange(len(tok))},
-                )
-            time.sleep(cfg.get("delay", 0))
-            if i == cfg.get("pause_after"):
-                print("READY", flush=True)
+    if cfg.get("max_file_size"):  # files may not grow past this: writes fail with EFBIG, like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["max_file_size"], cfg["max_file_size"]))
+    job, jobs = cfg.get("job", 0), cfg.get("jobs", 1)
+    try:
+        kw = {"samples_per_shard": cfg["per_shard"]} if "per_shard" in cfg else {}
+        with writer(Path(cfg["out"]), resume=True, shard_index=job, num_shards=jobs, **kw) as w:
+            print("STARTED", flush=True)
+            if cfg.get("hold"):
                 time.sleep(3600)
+            for i in range(max(job, w.next_source_index), cfg["rows"]):
+                if i % jobs == job:
+                    add_row(w, i)
+                    time.sleep(cfg.get("delay", 0))
+                if i == cfg.get("pause_after"):
+                    print("READY", flush=True)
+                    time.sleep(3600)
+    except SpecError as e:
+        print(f"ERROR {e}", flush=True)
+        sys.exit(3)
 
 
 def spawn(**cfg) -> subprocess.Popen:
@@ -336,34 +335,41 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path):
     Dataset(out).verify()
 
 
+def test_a_failing_disk_loses_nothing_committed(tmp_path):
+    rows = 30
+    write(tmp_path / "ref", range(rows))
+    out = tmp_path / "ds"
+    write(out, range(1))
+    # one sample per shard (< 8 kB) fits, a row of two samples (row 5) does not: the write fails there
+    p = spawn(out=str(out), rows=rows, max_file_size=12_000, per_shard=1)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 3, stdout
+    error = stdout.strip().splitlines()[-1]
+    assert error.startswith(f"ERROR {out}: writing failed (File too large)") and "resume=True" in error
+    assert_only_whole_rows(out)
+    assert Dataset(out).source_indices.tolist() == [0, 0, 1, 2, 3, 4]
+    assert not [f.name for f in out.iterdir() if f.name.endswith(".tmp")]  # the failed shard was removed
+    p = spawn(out=str(out), rows=rows)
+    assert p.wait(timeout=120) == 0
+    assert contents(Dataset(out)) == contents(Dataset(tmp_path / "ref"))
+
+
 def test_resume_continues_after_the_last_complete_shard(tmp_path):
     out = tmp_path / "ds"
     w = writer(out)
     for i in range(11):
-        for tok, mask, hid in row_samples(i):
-            w.add(
-                source_index=i, token_ids=tok, loss_mask=mask, hidden=hid, extra={"pos": np.arange(len(tok))}
-            )
+        add_row(w, i)
     committed = w.manifest.num_samples
     w.abort()  # as if killed: the open shard is dropped
     with writer(out, resume=True) as w2:
         assert w2.manifest.num_samples == committed
         start = w2.next_source_index
         assert 0 < start < 11 and start == w2.manifest.shards[-1].max_source_index + 1
+        tok, mask, hid = row_samples(0)[0]
         with pytest.raises(SpecError, match="already stored"):
-            w2.add(
-                source_index=start - 1,
-                **dict(zip(["token_ids", "loss_mask", "hidden"], row_samples(0)[0], strict=True)),
-            )
+            w2.add(source_index=start - 1, token_ids=tok, loss_mask=mask, hidden=hid)
         for i in range(start, 15):
-            for tok, mask, hid in row_samples(i):
-                w2.add(
-                    source_index=i,
-                    token_ids=tok,
-                    loss_mask=mask,
-                    hidden=hid,
-                    extra={"pos": np.arange(len(tok))},
-                )
+            add_row(w2, i)
     write(tmp_path / "ref", range(15))
     assert contents(Dataset(out)) == contents(Dataset(tmp_path / "ref"))
 

@@ -14,6 +14,7 @@ from spec_format.dataset.encoding import (
     decompress,
     e4m3_to_float32,
     encode_fp8,
+    float32_to_bf16,
     float32_to_e4m3,
     shuffle_bytes,
     unshuffle_bytes,
@@ -68,10 +69,17 @@ def test_e4m3_random_values_match_reference():
     assert np.array_equal(float32_to_e4m3(x), reference_e4m3(x))
 
 
-def test_e4m3_and_bf16_match_torch():
-    torch = pytest.importorskip("torch")
+def test_fast_bf16_matches_the_nan_aware_one():
     from spec_format.tensors import float32_to_bf16_bits
 
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(100_000).astype(np.float32) * s for s in (1e-30, 1, 3e4, 1e37)])
+    x = np.concatenate([x, np.float32([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 0.0, -0.0, 3.4e38])])
+    assert np.array_equal(float32_to_bf16(x), float32_to_bf16_bits(x))
+
+
+def test_e4m3_and_bf16_match_torch():
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.standard_normal(100_000).astype(np.float32) * s for s in (1e-3, 1, 400)])
     x = np.clip(x, -448, 448)  # torch turns out-of-range values into NaN instead of saturating
@@ -81,7 +89,7 @@ def test_e4m3_and_bf16_match_torch():
     assert np.array_equal(E4M3_VALUES, table, equal_nan=True)
     y = rng.standard_normal(100_000).astype(np.float32) * 3e4
     assert np.array_equal(
-        float32_to_bf16_bits(y), torch.from_numpy(y).to(torch.bfloat16).view(torch.uint16).numpy()
+        float32_to_bf16(y), torch.from_numpy(y).to(torch.bfloat16).view(torch.uint16).numpy()
     )
 
 

@@ -107,7 +107,7 @@ def part_name(job_index: int, num_jobs: int) -> str:
 
 
 def encode(manifest: DatasetManifest) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(manifest), indent=1)
+    return msgspec.json.encode(manifest) + b"\n"  # compact: token_frequencies can hold 100k+ numbers
 
 
 def fsync_dir(path: Path) -> None:
@@ -135,6 +135,8 @@ def read_one(path: Path) -> DatasetManifest:
         data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: not found; is this a dataset directory?") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
     try:
         m = msgspec.json.decode(data, type=DatasetManifest)
     except msgspec.ValidationError as e:
@@ -157,6 +159,13 @@ def read_one(path: Path) -> DatasetManifest:
 
 
 def _check_totals(path: Path, m: DatasetManifest) -> None:
+    if m.hidden_size < 1 or not m.layer_ids:
+        raise SpecError(
+            f"{path}: hidden_size and layer_ids must be positive / non-empty; the manifest is damaged"
+        )
+    for k, s in enumerate(m.shards):
+        if min(s.num_samples, s.num_tokens, s.num_supervised, s.num_bytes) < 0:
+            raise SpecError(f"{path}: shards[{k}] has a negative count; the manifest is damaged: restore it")
     for field in ("num_samples", "num_tokens", "num_supervised", "num_bytes"):
         total = sum(getattr(s, field) for s in m.shards)
         if getattr(m, field) != total:

@@ -17,6 +17,7 @@ sample in memory whatever the shard size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -131,7 +132,8 @@ class ShardBuilder:
         return self._pos, "sha256:" + self._sha.hexdigest()
 
     def abort(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            self._f.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
@@ -162,8 +164,11 @@ class ShardReader:
                 f"{path}: size is {size} bytes, the manifest says {info.num_bytes}; the shard is truncated "
                 "or replaced: restore it, or delete it and its manifest entry and regenerate those rows"
             )
-        with open(path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        try:
+            with open(path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except OSError as e:
+            raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
         self.header, self.index = self._parse(size, expected, info)
         self.columns = self.header.columns
         self._col = {c.name: i for i, c in enumerate(self.columns)}

@@ -302,7 +302,7 @@ class DatasetWriter:
             raise SpecError(f"source_index {source_index}: hidden must be float [T, n_layers, H] = "
                             f"{list(want)}, got {h.dtype}{list(h.shape)}")  # fmt: skip
         h = h.astype(np.float32, copy=False)
-        if not np.isfinite(h).all():
+        if not (np.isfinite(h.min()) and np.isfinite(h.max())):  # NaN propagates through min/max
             raise SpecError(f"source_index {source_index}: hidden holds NaN or inf; the capture is broken")
         extras = self._extras_spec(extra, num_tokens)
 
@@ -312,17 +312,26 @@ class DatasetWriter:
             blobs.append(scale)
         blobs += [extras[name] for name in sorted(extras)]
 
-        if self._shard is not None and self._shard_full() and source_index != self._shard_sources[-1]:
-            self._commit_shard()
-        if self._shard is None:
-            name = self._shard_name()
-            self._shard = ShardBuilder(self.path / f".{name}.tmp", self._manifest.shard_header())
         num_supervised = int(mask.sum())
-        self._shard.add(source_index, num_tokens, num_supervised, blobs)
+        try:
+            if self._shard is not None and self._shard_full() and source_index != self._shard_sources[-1]:
+                self._commit_shard()
+            if self._shard is None:
+                name = self._shard_name()
+                self._shard = ShardBuilder(self.path / f".{name}.tmp", self._manifest.shard_header())
+            self._shard.add(source_index, num_tokens, num_supervised, blobs)
+        except OSError as e:
+            raise self._io_error(e) from None
         self._pending_counts += np.bincount(tok[mask], minlength=self._vocab_size)
         self._shard_tokens += num_tokens
         self._shard_supervised += num_supervised
         self._shard_sources.append(source_index)
+
+    def _io_error(self, e: OSError) -> SpecError:
+        return SpecError(
+            f"{self.path}: writing failed ({e.strerror}); the {self._manifest.num_samples} samples "
+            "committed so far are safe: fix the cause and run again with resume=True"
+        )
 
     def _shard_full(self) -> bool:
         return self._shard.num_samples >= self.samples_per_shard or self._shard.num_bytes >= self.shard_bytes
@@ -336,7 +345,11 @@ class DatasetWriter:
 
     def _commit_shard(self) -> None:
         builder, self._shard = self._shard, None
-        num_bytes, checksum = builder.finish()
+        try:
+            num_bytes, checksum = builder.finish()
+        except BaseException:
+            builder.abort()
+            raise
         final = builder.tmp_path.with_name(
             builder.tmp_path.name[1:-4]
         )  # ".shard-...bin.tmp" -> "shard-...bin"
@@ -376,6 +389,8 @@ class DatasetWriter:
         try:
             if self._shard is not None:
                 self._commit_shard()
+        except OSError as e:
+            raise self._io_error(e) from None
         finally:
             self._closed = True
             self._unlock()
