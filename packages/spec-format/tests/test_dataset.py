@@ -144,6 +144,16 @@ def test_uncompressed_arrays_are_zero_copy_views(tmp_path):
         s.hidden[0, 0, 0] = 1.0  # the file cannot be changed through a sample
 
 
+def test_dataset_travels_to_spawned_workers(tmp_path):
+    import pickle  # how DataLoader hands a dataset to "spawn" workers (our object, not a user file)
+
+    write(tmp_path / "ds", range(4))
+    ds = Dataset(tmp_path / "ds")
+    first = ds[0]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(copy[0].hidden, first.hidden) and len(copy) == len(ds)
+
+
 def test_random_access_in_any_order(tmp_path):
     write(tmp_path / "ds", range(30), samples_per_shard=3, compression="zstd")
     ds = Dataset(tmp_path / "ds", max_open_shards=2)  # forces shards to be closed and reopened

@@ -3,6 +3,7 @@
 Shards are memory-mapped on first use (at most `max_open_shards` kept open). Arrays that are stored
 uncompressed come back as read-only views of the map (no copy): token_ids and loss_mask always, hidden
 for fp32 and, through `raw()`, the stored bf16/fp8 bits. Copy an array before writing to it.
+One Dataset per process or thread (DataLoader workers each get their own copy).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return self.manifest.num_samples
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started with "spawn" receive the dataset pickled: memory maps cannot be, so
+        # each worker reopens the shards it reads.
+        return {**self.__dict__, "_open": OrderedDict()}
 
     def __repr__(self) -> str:
         m = self.manifest
