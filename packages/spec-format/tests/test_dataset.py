@@ -244,6 +244,9 @@ def test_add_rejects_bad_samples(tmp_path):
         writer(tmp_path / "x", layer_ids=[2, 9])
     with pytest.raises(SpecError, match="dtype"):
         writer(tmp_path / "x", dtype="fp16")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SpecError, match="cannot create the dataset directory"):
+        writer(tmp_path / "a-file")
 
 
 # --- resume, kill -9, locks ---------------------------------------------------------------------

@@ -110,7 +110,10 @@ class DatasetWriter:
             created=now,
             updated=now,
         )
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpecError(f"{self.path}: cannot create the dataset directory ({e.strerror})") from None
         self._lock_fd = self._lock()
         try:
             self._manifest = self._open(fresh, resume)
@@ -124,7 +127,8 @@ class DatasetWriter:
     # --- opening: lock, resume or start, clean up what a killed writer left ------------------------
 
     def _lock(self) -> int:
-        name = ".writer.lock" if self.num_shards == 1 else f".writer-{self._prefix[6:-1]}.lock"
+        n, i = self.num_shards, self.shard_index
+        name = ".writer.lock" if n == 1 else f".writer-{i:05d}-of-{n:05d}.lock"
         fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
