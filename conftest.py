@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 _ENGINE_LOG = Path(tempfile.gettempdir()) / f"spec-engine-starts-{os.getpid()}.log"
-MAX_LIVE_ENGINES = 2
+# SPEC_MAX_LIVE_ENGINES=1 keeps one engine alive (3-4 GB each) where memory is shared with others.
+MAX_LIVE_ENGINES = int(os.environ.get("SPEC_MAX_LIVE_ENGINES", "2"))
 
 
 def pytest_configure(config):
