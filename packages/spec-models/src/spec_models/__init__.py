@@ -1,1 +1,30 @@
-"""spec-models."""
+"""spec-models: draft architectures (EAGLE-3 first) in plain PyTorch, computing what vLLM's draft
+implementations compute, saved and loaded through spec-format.
+
+    model = init_eagle3_from_verifier(verifier_dir, vocab_mapping=mapping, num_layers=1)
+    normed = forward_ttt(model, ttt_input_ids(ids, steps=3), aux, position_ids)   # training
+    tokens = propose(model, next_ids, aux, lengths, num_tokens=3)                   # offline drafting
+    save(model, out_dir); model = load(out_dir)
+"""
+
+from spec_models.checkpoint import load, save
+from spec_models.drafting import KVCache, extend, greedy_step, propose
+from spec_models.eagle3 import Eagle3Draft, init_eagle3_from_verifier
+from spec_models.registry import draft_class, register_draft
+from spec_models.ttt import forward_ttt, ttt_input_ids, ttt_mask
+
+__all__ = [
+    "Eagle3Draft",
+    "KVCache",
+    "draft_class",
+    "extend",
+    "forward_ttt",
+    "greedy_step",
+    "init_eagle3_from_verifier",
+    "load",
+    "propose",
+    "register_draft",
+    "save",
+    "ttt_input_ids",
+    "ttt_mask",
+]

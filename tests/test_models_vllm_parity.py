@@ -1,0 +1,219 @@
+"""spec-models computes what vLLM computes: drafts saved by us run in vLLM (CPU) on the real SmolLM2 target,
+and our incremental drafting proposes exactly the token ids vLLM's drafter proposed.
+
+How the comparison works: a worker extension (vllm_draft_probe.py) records every call of vLLM's
+`drafter.propose` during a greedy generation: the target's aux hidden states, token ids, positions, the
+sampled next token per request and the k draft tokens returned. We rebuild each request's context from
+those records and replay every proposal through `spec_models.propose` on the checkpoint as saved (bf16
+weights read back as fp32, as vLLM reads them; vLLM's own embeddings when the checkpoint has none), then
+compare the token ids exactly. Random weights make proposals arbitrary but deterministic, so equality
+means the two computations agree. One engine per draft configuration; together they cover single- and
+multi-layer drafts, Llama- and Qwen3-style layers, shared and own embeddings, pruned and full vocabularies,
+and each of vLLM's EAGLE-3 norm flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# vLLM imports the worker extension by module name in its worker process, which inherits sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colours:",
+]
+MAX_TOKENS = 24
+
+CONFIGS = {
+    "llama-1layer-pruned-shared-embed": dict(num_layers=1, layer_type="llama", draft_vocab=8192, k=3),
+    "llama-3layer-full-vocab-own-embed": dict(
+        num_layers=3, layer_type="llama", draft_vocab=None, k=2, embed=True, norm_before_residual=True,
+        norm_output=True,
+    ),
+    "qwen3-1layer-pruned-own-embed": dict(
+        num_layers=1, layer_type="qwen3", draft_vocab=4096, k=3, embed=True, norm_before_residual=True,
+        norm_before_fc=True,
+    ),
+    "qwen3-2layer-pruned-shared-embed": dict(num_layers=2, layer_type="qwen3", draft_vocab=16384, k=3, fc_norm=True),
+}  # fmt: skip
+
+
+def _random_draft(
+    demo_model, out: Path, num_layers, layer_type, draft_vocab, k, embed=False, seed=0, **flags
+):
+    """A draft initialised from the verifier, then randomised (scale large enough that proposals depend
+    on the context), saved with spec_models.save."""
+    import torch
+
+    from spec_format.vocab import build_vocab_mapping
+    from spec_models import init_eagle3_from_verifier, save
+
+    rng = np.random.default_rng(seed)
+    mapping = None if draft_vocab is None else build_vocab_mapping(rng.integers(0, 100, 49152), draft_vocab)
+    model = init_eagle3_from_verifier(
+        demo_model, vocab_mapping=mapping, num_layers=num_layers, layer_type=layer_type, speculative_tokens=k,
+        **flags,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "embed_tokens.weight":
+                if embed:  # distinct from the target's, so vLLM must use ours to agree
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name != "lm_head.weight" or draft_vocab is None:  # a full-vocab head equal to the
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)  # target's would be shared by vLLM
+    return save(model, out, include_embeddings=embed)
+
+
+def _replay_cases(calls_dir: Path) -> tuple[list[dict], dict[str, dict[int, int]]]:
+    """One case per (propose call, request): the request's context as vLLM's drafter saw it."""
+    tokens: dict[str, dict[int, int]] = {}
+    hidden: dict[str, dict[int, np.ndarray]] = {}
+    cases = []
+    for f in sorted(calls_dir.glob("call-*.npz")):
+        r = np.load(f)
+        qsl, sample, pos = r["query_start_loc"], r["sample_index"], r["positions"]
+        for b, rid in enumerate(r["req_ids"].tolist()):
+            tok, hid = tokens.setdefault(rid, {}), hidden.setdefault(rid, {})
+            # Slots after the sampled one hold rejected drafts: vLLM masks them out and overwrites them.
+            for s in range(qsl[b], sample[b] + 1):
+                tok[int(pos[s])], hid[int(pos[s])] = int(r["token_ids"][s]), r["hidden"][s]
+            last = int(pos[sample[b]])
+            context = [tok[q] for q in range(last + 1)]
+            cases.append(
+                dict(
+                    rid=rid,
+                    next_ids=context[1:] + [int(r["next_token_ids"][b])],
+                    aux=np.stack([hid[q] for q in range(last + 1)]),
+                    drafts=r["drafts"][b].tolist(),
+                )
+            )
+    return cases, tokens
+
+
+def _replay(model, cases: list[dict], k: int):
+    """(ours, vLLM's) draft token ids [cases, k], ours batched through spec_models.propose."""
+    import torch
+
+    from spec_models import propose
+
+    L = max(len(c["next_ids"]) for c in cases)
+    ids = torch.zeros(len(cases), L, dtype=torch.long)
+    aux = torch.zeros(len(cases), L, cases[0]["aux"].shape[1])
+    for i, c in enumerate(cases):
+        n = len(c["next_ids"])
+        ids[i, :n] = torch.tensor(c["next_ids"])
+        aux[i, :n] = torch.from_numpy(c["aux"])
+    lengths = torch.tensor([len(c["next_ids"]) for c in cases])
+    ours = propose(model, ids, aux, lengths, k)
+    return ours, torch.tensor([c["drafts"] for c in cases])
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(vllm_engine, demo_model):
+    """Greedy outputs of the target alone: speculative decoding must reproduce them."""
+    from vllm import SamplingParams
+
+    llm = vllm_engine("plain", demo_model)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def transformers_aux_states(demo_model):
+    """(prompt ids, transformers' hidden_states[k] for EAGLE-3's aux ids 2, 15, 27) of PROMPTS[0]."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(demo_model)(PROMPTS[0])["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    with torch.no_grad():
+        states = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return ids, np.concatenate([states[k][0].numpy() for k in (2, 15, 27)], axis=-1)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_vllm_drafts_what_spec_models_drafts(
+    name, tmp_path, vllm_engine, demo_model, reference_outputs, transformers_aux_states
+):
+    from vllm import SamplingParams
+
+    from spec_datagen.runtime import spec_decode_counters
+    from spec_format.validate import validate_checkpoint
+    from spec_models import load
+
+    options = CONFIGS[name]
+    k = options["k"]
+    draft = _random_draft(demo_model, tmp_path / "draft", **options)
+    report = validate_checkpoint(draft, verifier=demo_model)
+    assert report.ok and not report.warnings, report
+    assert ("embed_tokens.weight" in _tensor_names(draft)) == options.get("embed", False)
+
+    llm = vllm_engine(
+        f"parity-{name}", draft, worker_extension_cls="vllm_draft_probe.DraftProbe",
+        disable_log_stats=False, enable_prefix_caching=False,
+    )  # fmt: skip
+    calls = tmp_path / "calls"
+    llm.collective_rpc("probe_start", args=(str(calls),))
+    before = spec_decode_counters(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    counters = spec_decode_counters(llm) - before
+
+    # Lossless: the same greedy text as the target alone, and vLLM really drafted k tokens per step.
+    assert [list(o.outputs[0].token_ids) for o in outs] == reference_outputs
+    assert counters.drafts >= MAX_TOKENS and counters.draft_tokens == k * counters.drafts, counters
+    assert counters.accepted == sum(counters.accepted_per_position)
+
+    # The aux states vLLM hands the draft are transformers' hidden_states[k] for the configured ids
+    # (k = residual stream after decoder layer k-1): the convention our training data follows.
+    prompt_ids, ref = transformers_aux_states
+    prefill = np.load(calls / "call-00000.npz")
+    start = next(
+        i
+        for i in range(len(prefill["token_ids"]))
+        if prefill["token_ids"][i : i + len(prompt_ids)].tolist() == prompt_ids
+    )
+    got = prefill["hidden"][start : start + len(prompt_ids)]
+    for layer, g, r in zip((2, 15, 27), np.split(got, 3, axis=-1), np.split(ref, 3, axis=-1)):
+        assert np.linalg.norm(g - r) / np.linalg.norm(r) < 1e-4, layer
+
+    cases, tokens = _replay_cases(calls)
+    # The rebuilt contexts are the real sequences: prompt + generated tokens, position by position.
+    by_prompt = {
+        tuple(o.prompt_token_ids): list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs
+    }
+    for seq in tokens.values():
+        rebuilt = [seq[q] for q in range(len(seq))]
+        full = next(v for p, v in by_prompt.items() if list(p) == rebuilt[: len(p)])
+        assert rebuilt == full[: len(rebuilt)]
+
+    model = load(draft, verifier=demo_model)
+    ours, theirs = _replay(model, cases, k)
+    matched = int((ours == theirs).sum())
+    distinct = len(set(theirs.flatten().tolist()))
+    print(
+        f"{name}: {len(cases)} proposals, {theirs.numel()} draft tokens, {matched} equal; {distinct} distinct"
+    )
+    assert len(cases) >= len(PROMPTS) * MAX_TOKENS // 2
+    assert distinct >= 10, "proposals barely depend on the context: the comparison would prove little"
+    assert matched == theirs.numel(), [
+        (c["rid"], len(c["next_ids"]), o, t)
+        for c, o, t in zip(cases, ours.tolist(), theirs.tolist())
+        if o != t
+    ][:5]
+
+
+def _tensor_names(draft: Path) -> set[str]:
+    from spec_format.tensors import read_header
+
+    return set(read_header(draft / "model.safetensors")[0])
