@@ -14,11 +14,11 @@ from spec_format.dataset.encoding import (
     decompress,
     e4m3_to_float32,
     encode_fp8,
-    float32_to_bf16,
     float32_to_e4m3,
     shuffle_bytes,
     unshuffle_bytes,
 )
+from spec_format.tensors import float32_to_bf16_bits
 
 
 def reference_e4m3(x: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_e4m3_and_bf16_match_torch():
     assert np.array_equal(E4M3_VALUES, table, equal_nan=True)
     y = rng.standard_normal(100_000).astype(np.float32) * 3e4
     assert np.array_equal(
-        float32_to_bf16(y), torch.from_numpy(y).to(torch.bfloat16).view(torch.uint16).numpy()
+        float32_to_bf16_bits(y), torch.from_numpy(y).to(torch.bfloat16).view(torch.uint16).numpy()
     )
 
 

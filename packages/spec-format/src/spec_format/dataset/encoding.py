@@ -77,24 +77,12 @@ def decode_fp8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return out
 
 
-def float32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Finite float32 -> bf16 bits (uint16), round to nearest even. Same result as
-    spec_format.tensors.float32_to_bf16_bits for finite input (the writer rejects NaN/inf), in place on one
-    uint32 temporary: 2-4x faster, which is most of the writer's own time."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    r = (u >> 16) & np.uint32(1)
-    r += u
-    r += np.uint32(0x7FFF)
-    r >>= 16
-    return r.astype(np.uint16)
-
-
 def encode_hidden(hidden: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """float32 [T, L, H] -> (stored bits, fp8 scale [T, L] or None)."""
     if dtype == "fp32":
         return np.ascontiguousarray(hidden, dtype=np.float32), None
     if dtype == "bf16":
-        return float32_to_bf16(hidden), None
+        return float32_to_bf16_bits(hidden), None
     return encode_fp8(hidden)
 
 
