@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import zstandard
 
-from spec_format.tensors import bf16_bits_to_float32
+from spec_format.tensors import bf16_bits_to_float32, float32_to_bf16_bits
 
 DTYPES = ("fp32", "bf16", "fp8")
 COMPRESSIONS = (None, "zstd")
