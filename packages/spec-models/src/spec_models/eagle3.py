@@ -112,7 +112,7 @@ class Eagle3Draft(nn.Module):
                 qk_norm=s.layer_type == "qwen3",
                 attention_bias=s.attention_bias,
                 norm_before_residual=s.norm_before_residual,
-            )  # fmt: skip
+            )
             for i in range(s.num_layers)
         )
         self.norm = RMSNorm(s.hidden, s.eps)

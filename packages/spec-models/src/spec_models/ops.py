@@ -96,9 +96,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention with grouped KV heads.
+    """Scaled dot-product attention with grouped KV heads (query head i reads KV head i // group).
 
     q [B, h, Q, d]; k, v [B, kv_h, K, d]; mask bool, broadcastable to [B, h, Q, K] (True = attend).
-    Every query must see at least one key (its own), or its row would be NaN.
+    Every query must see at least one key (its own), or its row would be NaN. KV heads are repeated
+    rather than passed with enable_gqa: SDPA's GQA path takes the math kernel when there is a mask
+    (O(Q*K) memory per head on GPUs), the repeated one the memory-efficient kernel.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

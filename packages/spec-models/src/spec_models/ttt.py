@@ -86,10 +86,16 @@ def forward_ttt(
         position_ids = torch.arange(T, device=step_ids.device).expand(B, T)
     if attn == "sdpa":
         mask = ttt_mask(position_ids, S)
+
+        def attend_step(j, q, K, V):
+            return attend(q, K, V, mask[..., : (j + 1) * T])
     elif attn == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
         block_masks = _flex_block_masks(position_ids, S)
+
+        def attend_step(j, q, K, V):
+            return flex_attention(q, K, V, block_mask=block_masks[j], enable_gqa=q.shape[1] != K.shape[1])
     else:
         raise ValueError(f"attn must be 'sdpa' or 'flex', got {attn!r}")
     keys: list[list[torch.Tensor]] = [[] for _ in model.layers]
@@ -102,9 +108,7 @@ def forward_ttt(
             keys[i].append(k)
             values[i].append(v)
             K, V = torch.cat(keys[i], dim=2), torch.cat(values[i], dim=2)  # [B, kv_h, (j+1)*T, d]
-            if attn == "flex":
-                return flex_attention(q, K, V, block_mask=block_masks[j], enable_gqa=q.shape[1] != K.shape[1])
-            return attend(q, K, V, mask[..., : (j + 1) * T])
+            return attend_step(j, q, K, V)
 
         normed, hidden = model(step_ids[j], hidden, position_ids + j, attention)
         outs.append(normed)

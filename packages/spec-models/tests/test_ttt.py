@@ -1,0 +1,140 @@
+"""Test-time-training forward: masks, document boundaries, and equality with incremental drafting."""
+
+import numpy as np
+import pytest
+import torch
+
+from spec_format.vocab import build_vocab_mapping
+from spec_models import KVCache, extend, forward_ttt, init_eagle3_from_verifier, ttt_input_ids, ttt_mask
+
+VOCAB, HIDDEN = 256, 64
+
+
+def random_model(verifier, seed=0, **kwargs):
+    m = build_vocab_mapping(np.random.default_rng(seed).integers(0, 20, VOCAB), 100)
+    model = init_eagle3_from_verifier(verifier(), vocab_mapping=m, seed=seed, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "embed_tokens.weight":
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def packed_batch(doc_lengths, steps, seed=0):
+    """Two packed rows with the given documents: ids [B, T], aux [B, T, 3H], positions [B, T]."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(doc_lengths)
+    ids = torch.randint(0, VOCAB, (2, T), generator=g)
+    aux = torch.randn(2, T, 3 * HIDDEN, generator=g) * 3
+    pos = torch.cat([torch.arange(n) for n in doc_lengths]).expand(2, T)
+    return ttt_input_ids(ids, steps), aux, pos
+
+
+def test_teacher_forced_inputs_shift_by_one_per_step():
+    ids = torch.tensor([[10, 11, 12, 13]])
+    assert ttt_input_ids(ids, 3, pad_id=-1)[:, 0].tolist() == [
+        [11, 12, 13, -1],  # step 0, slot t: x_{t+1}
+        [12, 13, -1, -1],  # step 1: x_{t+2}
+        [13, -1, -1, -1],
+    ]
+
+
+def test_mask_step0_causal_within_document_then_diagonal_blocks():
+    # Two documents of two tokens; step 1 sees step-0 keys of its document so far plus its own key.
+    mask = ttt_mask(torch.tensor([[0, 1, 0, 1]]), steps=2)
+    assert mask.shape == (1, 1, 4, 8)
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 0],
+        [0, 0, 1, 0, 0, 0, 1, 0],
+        [0, 0, 1, 1, 0, 0, 0, 1],
+    ]
+
+
+CONFIGS = [
+    dict(layer_type="llama", num_layers=1),
+    dict(layer_type="llama", num_layers=2, norm_before_residual=True),
+    dict(layer_type="qwen3", num_layers=1, norm_output=True),
+    dict(layer_type="qwen3", num_layers=3, norm_before_fc=True, fc_norm=True),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['layer_type']}-{c['num_layers']}")
+def test_ttt_equals_incremental_drafting_fed_the_same_tokens(verifier, cfg):
+    """Step j at slot t of the TTT forward is exactly the j-th draft forward vLLM runs after verifying
+    the document up to slot t, when the drafts fed back are step_ids: this checks the masks."""
+    S, docs = 3, [7, 5]
+    model = random_model(verifier, **cfg)
+    step_ids, aux, pos = packed_batch(docs, S)
+    with torch.no_grad():
+        ttt = forward_ttt(model, step_ids, aux, pos)  # [S, B, T, H]
+    B, T = pos.shape
+    # One request per (row, slot): its document's slots up to that slot, right-padded.
+    starts = [s for s, n in zip(np.cumsum([0] + docs), docs) for _ in range(n)]
+    L = max(docs)
+    ids, hid, lengths, where = (
+        torch.zeros(B * T, L, dtype=torch.long),
+        torch.zeros(B * T, L, 3 * HIDDEN),
+        [],
+        [],
+    )
+    for b in range(B):
+        for t in range(T):
+            r, s = len(where), starts[t]
+            ids[r, : t - s + 1], hid[r, : t - s + 1] = step_ids[0, b, s : t + 1], aux[b, s : t + 1]
+            lengths.append(t - s + 1)
+            where.append((b, t))
+    lengths = torch.tensor(lengths)
+    rows, last = torch.arange(B * T), lengths - 1
+    with torch.no_grad():
+        cache = KVCache.empty(model, B * T, L + S)
+        normed, hidden = extend(model, cache, ids, model.combine(hid), torch.arange(L).expand(B * T, L))
+        steps = [normed[rows, last]]
+        hidden = hidden[rows, last]
+        for j in range(1, S):
+            forced = torch.stack([step_ids[j, b, t] for b, t in where])
+            normed, hidden = extend(model, cache, forced[:, None], hidden[:, None], (last + j)[:, None])
+            steps.append(normed[:, 0])
+            hidden = hidden[:, 0]
+    incremental = torch.stack(steps).view(S, B, T, HIDDEN)
+    torch.testing.assert_close(ttt, incremental, rtol=1e-5, atol=1e-5)
+
+
+def test_documents_do_not_see_each_other(verifier):
+    model = random_model(verifier, num_layers=2)
+    step_ids, aux, pos = packed_batch([6, 4], 3)
+    aux.requires_grad_(True)
+    out = forward_ttt(model, step_ids, aux, pos)
+    out[:, :, 6:].sum().backward()  # every step's output in the second documents
+    grad = aux.grad.abs().sum(-1)  # [B, T]
+    assert (grad[:, :6] == 0).all() and (grad[:, 6:] > 0).all()
+
+
+def test_flex_attention_matches_sdpa(verifier):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = random_model(verifier, num_layers=2, layer_type="qwen3")
+    step_ids, aux, pos = packed_batch([5, 9, 2], 3)
+    with torch.no_grad():  # flex attention has no CPU backward; GPUs train with it
+        torch.testing.assert_close(
+            forward_ttt(model, step_ids, aux, pos, attn="flex"), forward_ttt(model, step_ids, aux, pos)
+        )
+
+
+def test_training_forward_compiles_fullgraph(verifier):
+    model = random_model(verifier, num_layers=1, layer_type="qwen3")
+    step_ids, aux, pos = packed_batch([5, 3], 2)
+
+    def loss_fn(model, step_ids, aux, pos):
+        normed = forward_ttt(model, step_ids, aux, pos)
+        return model.lm_head(normed).logsumexp(-1).mean()
+
+    eager = loss_fn(model, step_ids, aux, pos)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(loss_fn, fullgraph=True)(model, step_ids, aux, pos)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for n, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5)
