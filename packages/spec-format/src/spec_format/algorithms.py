@@ -185,6 +185,9 @@ def build_eagle3_config(
     layer_type: str | None = None,
     norm_before_residual: bool = False,
     provenance: dict | None = None,
+    norm_before_fc: bool = False,
+    fc_norm: bool = False,
+    norm_output: bool = False,
     **layer_overrides,
 ) -> SpeculatorConfig:
     """A complete EAGLE-3 config. `aux_layer_ids` are the fc inputs in vLLM's capture-id convention;
@@ -204,9 +207,9 @@ def build_eagle3_config(
         target_hidden_size=verifier.hidden_size if verifier.hidden_size != lc["hidden_size"] else None,
         eagle_aux_hidden_state_layer_ids=list(aux_layer_ids),
         norm_before_residual=norm_before_residual,
-        norm_before_fc=False,
-        fc_norm=False,
-        norm_output=False,
+        norm_before_fc=norm_before_fc,
+        fc_norm=fc_norm,
+        norm_output=norm_output,
         architectures=["Eagle3DraftModel"],
         tie_word_embeddings=False,
         spec=SpecMetadata(verifier=verifier, provenance=provenance or {}),

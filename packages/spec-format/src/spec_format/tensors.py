@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,17 @@ def read_header(path: str | Path) -> tuple[dict, dict, int]:
     return header, metadata, start
 
 
-def load_tensors(path: str | Path, upcast_bf16: bool = True) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy arrays (BF16 as float32 unless upcast_bf16=False, then
-    as the raw uint16 bits). Uses a memory map: untouched tensors cost no reading."""
+def load_tensors(
+    path: str | Path, upcast_bf16: bool = True, names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file (all, or those in `names`) as numpy arrays: BF16 as float32 unless
+    upcast_bf16=False, then as the raw uint16 bits. Uses a memory map: only what is converted is read."""
     header, _, start = read_header(path)
+    if names is not None:
+        missing = sorted(set(names) - set(header))
+        if missing:
+            raise SpecError(f"{path}: no tensor named {', '.join(repr(n) for n in missing)}")
+        header = {n: header[n] for n in names}
     data = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, info in header.items():

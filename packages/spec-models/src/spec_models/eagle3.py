@@ -213,11 +213,8 @@ def init_eagle3_from_verifier(
     draft_vocab = info.vocab_size if vocab_mapping is None else len(vocab_mapping.d2t)
     cfg = build_eagle3_config(
         vcfg, info, aux_layer_ids, draft_vocab, speculative_tokens, num_layers, layer_type,
-        norm_before_residual, provenance, **layer_overrides,
+        norm_before_residual, provenance, norm_before_fc, fc_norm, norm_output, **layer_overrides,
     )  # fmt: skip
-    cfg = msgspec.structs.replace(
-        cfg, norm_before_fc=norm_before_fc, fc_norm=fc_norm, norm_output=norm_output
-    )
     if cfg.transformer_layer_config["hidden_size"] != info.hidden_size:
         raise SpecError(
             f"hidden_size override {cfg.transformer_layer_config['hidden_size']} differs from the verifier's {info.hidden_size}: "

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from spec_format.errors import SpecError
-from spec_format.tensors import bf16_bits_to_float32, load_tensors, read_header
+from spec_format.tensors import load_tensors, read_header
 
 # Where the language model's tensors live in the HF checkpoints of text and multimodal models.
 _PREFIXES = ("model.", "model.language_model.", "language_model.model.")
@@ -49,11 +49,5 @@ def read_verifier_tensors(model_dir: str | Path, wanted: dict[str, tuple[str, ..
         name = next((n for n in names if n in files), None)
         if name is None:
             continue
-        path = files[name]
-        header = read_header(path)[0]
-        if name not in header:
-            raise SpecError(f"{path}: tensor '{name}' is listed in the index but missing from the file")
-        raw = load_tensors(path, upcast_bf16=False)[name]  # a memory map: nothing read yet
-        arr = bf16_bits_to_float32(raw) if header[name]["dtype"] == "BF16" else np.asarray(raw, np.float32)
-        out[key] = arr
+        out[key] = np.asarray(load_tensors(files[name], names=[name])[name], dtype=np.float32)
     return out
