@@ -71,6 +71,41 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+def write_random_eagle3(
+    out, verifier_dir, *, num_layers=1, layer_type=None, draft_vocab=1024, k=3, seed=0, scale=0.02
+):
+    """An EAGLE-3 checkpoint with random weights for `verifier_dir`, written with spec-format alone."""
+    import numpy as np
+
+    from spec_format.algorithms import build_eagle3_config, layout_for
+    from spec_format.checkpoint import write_checkpoint
+    from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir, read_model_config
+    from spec_format.vocab import build_vocab_mapping
+
+    vcfg = read_model_config(verifier_dir)
+    cfg = build_eagle3_config(
+        vcfg, fingerprint_model_dir(verifier_dir), default_eagle3_layers(vcfg["num_hidden_layers"])[:3],
+        draft_vocab, speculative_tokens=k, num_layers=num_layers, layer_type=layer_type,
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    required = layout_for(cfg).required
+    tensors = {
+        n: (rng.standard_normal(s) * scale).astype(np.float32) for n, s in required.items() if n != "d2t"
+    }
+    for name in tensors:
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones_like(tensors[name])
+    mapping = build_vocab_mapping(rng.integers(0, 10, vcfg["vocab_size"]), draft_vocab)
+    tensors.update(d2t=mapping.d2t, t2d=mapping.t2d)
+    return write_checkpoint(out, cfg, tensors)
+
+
+@pytest.fixture(scope="session")
+def random_eagle3():
+    """random_eagle3(out_dir, verifier_dir, **options) -> path of a random-weight EAGLE-3 draft."""
+    return write_random_eagle3
+
+
 @pytest.fixture(scope="session")
 def vllm_engine():
     """vllm_engine(key, model, **kwargs) -> a shared `vllm.LLM`, one per key for the session."""

@@ -204,7 +204,7 @@ def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> dict:
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -238,7 +238,7 @@ def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> dict:
 def tiny_model_dir(
     arch: str, out: str | os.PathLike, seed: int = 0, cache_dir: str | os.PathLike | None = None
 ) -> Path:
-    """A tiny random `arch` target (4 layers, hidden 64) with the demo model's tokenizer, in fp32."""
+    """A tiny random `arch` target (8 layers, hidden 64) with the demo model's tokenizer, in fp32."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import msgspec
+
 
 def is_cpu_platform() -> bool:
     """True when the installed vLLM is the CPU build (or no CUDA device is visible)."""
@@ -82,3 +84,49 @@ def shutdown_llm(llm) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+
+
+class SpecDecodeCounters(msgspec.Struct):
+    """vLLM's speculative-decoding counters; subtract two readings to get one run's numbers."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = []
+
+    def __sub__(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
+        return SpecDecodeCounters(
+            self.drafts - other.drafts, self.draft_tokens - other.draft_tokens, self.accepted - other.accepted,
+            _add(self.accepted_per_position, other.accepted_per_position, -1),
+        )  # fmt: skip
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per target forward: 1 (the target's own) + accepted drafts per step."""
+        return 1.0 + self.accepted / self.drafts if self.drafts else 1.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Fraction of draft steps whose token at position i was accepted (conditional on reaching i)."""
+        return [a / self.drafts if self.drafts else 0.0 for a in self.accepted_per_position]
+
+
+def spec_decode_counters(llm) -> SpecDecodeCounters:
+    """Read the counters from a `vllm.LLM` built with `disable_log_stats=False` (summed over engines)."""
+    out = SpecDecodeCounters()
+    for m in llm.get_metrics():
+        if m.name == "vllm:spec_decode_num_drafts":
+            out.drafts += int(m.value)
+        elif m.name == "vllm:spec_decode_num_draft_tokens":
+            out.draft_tokens += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens":
+            out.accepted += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            out.accepted_per_position = _add(out.accepted_per_position, [int(v) for v in m.values])
+    return out
+
+
+def _add(a: list[int], b: list[int], sign: int = 1) -> list[int]:
+    """Element-wise a + sign*b, the shorter list padded with zeros."""
+    n = max(len(a), len(b))
+    return [x + sign * y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]

@@ -12,8 +12,10 @@ Subcommand modules import their heavy dependencies (torch, vllm) inside the comm
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
 
 import click
 
@@ -73,7 +75,10 @@ def cli() -> None:
 def main() -> None:
     """Console entry point: a SpecError anywhere becomes one line on stderr and exit code 1."""
     try:
-        cli.main(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a `click.exceptions.Exit`.
+        rc = cli.main(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except SpecError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -87,15 +92,64 @@ def main() -> None:
         sys.exit(e.exit_code)
 
 
+def _kind(path: Path) -> str:
+    """'checkpoint' or 'dataset', decided by the files the directory holds."""
+    from spec_format.checkpoint import is_checkpoint_dir
+
+    if (path / "manifest.json").is_file():
+        return "dataset"
+    if is_checkpoint_dir(path):
+        return "checkpoint"
+    raise SpecError(
+        f"{path}: neither a speculator checkpoint (config.json with speculators_config) nor a dataset (manifest.json)"
+    )
+
+
 @click.command()
-@click.argument("path", type=click.Path(exists=True))
-def validate(path: str) -> None:
-    """Validate a speculator checkpoint or a dataset directory."""
-    raise SpecError(f"{path}: validation is not implemented yet")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--verifier",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Also check the fit to this target model directory.",
+)
+@click.option("--deep", is_flag=True, help="Datasets: verify every shard checksum.")
+def validate(path: Path, verifier: Path | None, deep: bool) -> None:
+    """Validate a speculator checkpoint or a dataset directory (exit 1 with one line per problem)."""
+    if _kind(path) == "dataset":
+        from spec_format.dataset import validate_dataset
+
+        errors, warnings = validate_dataset(path, deep=deep), []
+    else:
+        from spec_format.validate import validate_checkpoint
+
+        report = validate_checkpoint(path, verifier)
+        errors, warnings = report.errors, report.warnings
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+    for line in errors:
+        click.echo(f"error: {line}", err=True)
+    if errors:
+        raise click.exceptions.Exit(1)
+    click.echo(f"{path}: valid {_kind(path)}")
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(exists=True))
-def inspect_cmd(path: str) -> None:
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(path: Path, as_json: bool) -> None:
     """Summarise a speculator checkpoint or a dataset directory."""
-    raise SpecError(f"{path}: inspect is not implemented yet")
+    if _kind(path) == "dataset":
+        from spec_format.dataset import describe_dataset
+
+        info = describe_dataset(path)
+    else:
+        from spec_format.validate import describe_checkpoint
+
+        info = describe_checkpoint(path)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:>30}: {value}")

@@ -1,0 +1,213 @@
+"""Which tensors each algorithm's checkpoint holds, with shapes derived from config.json.
+
+One function per algorithm, registered under its `speculators_model_type`; a new algorithm (P-EAGLE,
+DFlash, ...) arrives as one function and one `register_layout` call. Names are those vLLM's loader reads
+(vllm/model_executor/models/llama_eagle3.py, qwen3_eagle3.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from spec_format.checkpoint import (
+    ProposalMethod,
+    SpecMetadata,
+    SpeculatorConfig,
+    SpeculatorsSection,
+    Verifier,
+)
+from spec_format.errors import SpecError
+from spec_format.fingerprint import TargetInfo
+
+Shape = tuple[int, ...]
+
+
+class Layout(msgspec.Struct):
+    required: dict[str, Shape]
+    optional: dict[str, Shape] = {}
+    # Tensors with a fixed dtype; every other tensor must be floating point.
+    dtypes: dict[str, str] = {}
+
+
+# fn(config, source) -> Layout; `source` names config.json in error messages.
+LAYOUTS: dict[str, Callable[[SpeculatorConfig, str], Layout]] = {}
+
+
+def register_layout(model_type: str):
+    def deco(fn):
+        LAYOUTS[model_type] = fn
+        return fn
+
+    return deco
+
+
+def layout_for(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
+    fn = LAYOUTS.get(cfg.speculators_model_type)
+    if fn is None:
+        raise SpecError(
+            f"{source}: field 'speculators_model_type': unknown algorithm '{cfg.speculators_model_type}' (known: {', '.join(sorted(LAYOUTS))})"
+        )
+    return fn(cfg, source)
+
+
+class LayerDims(msgspec.Struct, frozen=True):
+    """The draft decoder's dimensions, read from `transformer_layer_config`."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int  # the TARGET vocabulary (embeddings); the draft head uses draft_vocab_size
+    attention_bias: bool
+
+
+def layer_dims(cfg: SpeculatorConfig, source: str = "config.json") -> LayerDims:
+    lc = cfg.transformer_layer_config
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(lc.get(key), int) or lc[key] < 1:
+            raise SpecError(
+                f"{source}: field 'transformer_layer_config.{key}' must be a positive integer, found {lc.get(key)!r}"
+            )
+    heads = lc["num_attention_heads"]
+    return LayerDims(
+        model_type=str(lc.get("model_type", "llama")),
+        hidden_size=lc["hidden_size"],
+        num_layers=int(lc.get("num_hidden_layers", 1)),
+        num_heads=heads,
+        num_kv_heads=int(lc.get("num_key_value_heads") or heads),
+        head_dim=int(lc.get("head_dim") or lc["hidden_size"] // heads),
+        intermediate_size=lc["intermediate_size"],
+        vocab_size=lc["vocab_size"],
+        attention_bias=bool(lc.get("attention_bias", False)),
+    )
+
+
+EAGLE3_LAYER_TYPES = ("llama", "qwen3")  # the draft decoders vLLM's EAGLE-3 serves
+
+
+@register_layout("eagle3")
+def eagle3_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
+    """EAGLE-3: fc over the concatenated auxiliary target states -> H; layer 0 attends over
+    [input_layernorm(embed(token)), hidden_norm(h)] (2H wide); further layers are plain decoder layers;
+    final norm; lm_head over the draft vocabulary; d2t/t2d when the draft vocabulary is pruned."""
+    d = layer_dims(cfg, source)
+    if d.model_type not in EAGLE3_LAYER_TYPES:
+        raise SpecError(
+            f"{source}: field 'transformer_layer_config.model_type' is '{d.model_type}'; vLLM's EAGLE-3 serves {', '.join(EAGLE3_LAYER_TYPES)}"
+        )
+    H, hd = d.hidden_size, d.head_dim
+    target_h = cfg.target_hidden_size or H
+    n_aux = len(cfg.eagle_aux_hidden_state_layer_ids or []) or 3
+    draft_vocab = cfg.draft_vocab_size or d.vocab_size
+    req: dict[str, Shape] = {
+        "fc.weight": (H, n_aux * target_h),
+        "norm.weight": (H,),
+        "lm_head.weight": (draft_vocab, H),
+    }
+    opt: dict[str, Shape] = {"embed_tokens.weight": (d.vocab_size, H)}
+    for i in range(d.num_layers):
+        p = f"layers.{i}."
+        width = 2 * H if i == 0 else H
+        (req if i == 0 else opt)[p + "hidden_norm.weight"] = (H,)
+        req[p + "input_layernorm.weight"] = (H,)
+        req[p + "post_attention_layernorm.weight"] = (H,)
+        req[p + "self_attn.q_proj.weight"] = (d.num_heads * hd, width)
+        req[p + "self_attn.k_proj.weight"] = (d.num_kv_heads * hd, width)
+        req[p + "self_attn.v_proj.weight"] = (d.num_kv_heads * hd, width)
+        req[p + "self_attn.o_proj.weight"] = (H, d.num_heads * hd)
+        if d.attention_bias:
+            req[p + "self_attn.q_proj.bias"] = (d.num_heads * hd,)
+            req[p + "self_attn.k_proj.bias"] = (d.num_kv_heads * hd,)
+            req[p + "self_attn.v_proj.bias"] = (d.num_kv_heads * hd,)
+        if d.model_type == "qwen3":
+            req[p + "self_attn.q_norm.weight"] = (hd,)
+            req[p + "self_attn.k_norm.weight"] = (hd,)
+        req[p + "mlp.gate_proj.weight"] = (d.intermediate_size, H)
+        req[p + "mlp.up_proj.weight"] = (d.intermediate_size, H)
+        req[p + "mlp.down_proj.weight"] = (H, d.intermediate_size)
+    # vLLM needs d2t exactly when the draft vocabulary is smaller; it never reads t2d, but converters do.
+    (req if draft_vocab != d.vocab_size else opt)["d2t"] = (draft_vocab,)
+    opt["t2d"] = (d.vocab_size,)
+    if cfg.norm_before_fc:
+        req["input_norm.weight"] = (n_aux * target_h,)
+    if cfg.fc_norm:
+        for i in range(n_aux):
+            req[f"fc_norm.{i}.weight"] = (target_h,)
+    return Layout(required=req, optional=opt, dtypes={"d2t": "I64", "t2d": "BOOL"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from a verifier.
+
+# Verifier model types whose draft uses Qwen3-style layers (q/k norm); everything else gets Llama layers.
+_QWEN3_FAMILY = {"qwen3", "qwen3_moe", "qwen3_next"}
+# Keys copied from the verifier's config into the draft's layer config.
+_COPIED_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "hidden_act",
+    "max_position_embeddings", "rope_theta", "rope_parameters", "rope_scaling", "vocab_size",
+    "bos_token_id", "eos_token_id", "attention_bias",
+)  # fmt: skip
+
+
+def draft_layer_config(
+    verifier_cfg: dict, num_layers: int = 1, layer_type: str | None = None, **overrides
+) -> dict:
+    """The draft decoder's transformer_layer_config, derived from the verifier's config.json.
+
+    MoE verifiers get a dense MLP: the verifier's dense `intermediate_size` when it has one, else 3*H.
+    """
+    layer_type = layer_type or ("qwen3" if verifier_cfg.get("model_type") in _QWEN3_FAMILY else "llama")
+    if layer_type not in EAGLE3_LAYER_TYPES:
+        raise SpecError(f"draft layer type '{layer_type}' is not one of {', '.join(EAGLE3_LAYER_TYPES)}")
+    lc = {k: verifier_cfg[k] for k in _COPIED_KEYS if verifier_cfg.get(k) is not None}
+    lc["intermediate_size"] = verifier_cfg.get("intermediate_size") or 3 * verifier_cfg["hidden_size"]
+    lc.setdefault("head_dim", verifier_cfg["hidden_size"] // verifier_cfg["num_attention_heads"])
+    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[layer_type]
+    lc.update(
+        model_type=layer_type, architectures=[arch], num_hidden_layers=num_layers, tie_word_embeddings=False
+    )
+    lc.update(overrides)
+    return lc
+
+
+def build_eagle3_config(
+    verifier_cfg: dict,
+    verifier: TargetInfo,
+    aux_layer_ids: list[int],
+    draft_vocab_size: int,
+    speculative_tokens: int = 3,
+    num_layers: int = 1,
+    layer_type: str | None = None,
+    norm_before_residual: bool = False,
+    provenance: dict | None = None,
+    **layer_overrides,
+) -> SpeculatorConfig:
+    """A complete EAGLE-3 config. `aux_layer_ids` are the fc inputs in vLLM's capture-id convention;
+    `verifier.name_or_path` is what vLLM will load as the target."""
+    if speculative_tokens < 1:
+        raise SpecError(f"speculative_tokens must be at least 1, got {speculative_tokens}")
+    lc = draft_layer_config(verifier_cfg, num_layers, layer_type, **layer_overrides)
+    return SpeculatorConfig(
+        speculators_model_type="eagle3",
+        speculators_config=SpeculatorsSection(
+            algorithm="eagle3",
+            proposal_methods=[ProposalMethod(speculative_tokens=speculative_tokens)],
+            verifier=Verifier(name_or_path=verifier.name_or_path, architectures=[verifier.architecture]),
+        ),
+        transformer_layer_config=lc,
+        draft_vocab_size=draft_vocab_size,
+        target_hidden_size=verifier.hidden_size if verifier.hidden_size != lc["hidden_size"] else None,
+        eagle_aux_hidden_state_layer_ids=list(aux_layer_ids),
+        norm_before_residual=norm_before_residual,
+        norm_before_fc=False,
+        fc_norm=False,
+        norm_output=False,
+        architectures=["Eagle3DraftModel"],
+        tie_word_embeddings=False,
+        spec=SpecMetadata(verifier=verifier, provenance=provenance or {}),
+    )

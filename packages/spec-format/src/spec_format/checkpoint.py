@@ -1,0 +1,182 @@
+"""The speculator checkpoint: a directory with config.json + model.safetensors that vLLM loads as it is.
+
+config.json follows the vllm-project/speculators format, which vLLM reads in
+vllm/transformers_utils/configs/speculators/ (`maybe_override_with_speculators`): vLLM requires
+`speculators_model_type`, `speculators_config.proposal_methods[0].speculative_tokens`,
+`speculators_config.verifier.name_or_path` and a `transformer_layer_config` dict; the algorithm's updater
+(EAGLE-3: `update_eagle3`) then copies `draft_vocab_size`, `target_hidden_size`, `norm_before_residual`
+(vLLM's default when absent: True), `norm_before_fc`, `fc_norm`, `norm_output` and
+`eagle_aux_hidden_state_layer_ids` into the draft's layer config. We always write these flags explicitly:
+their defaults differ between vLLM's speculators path and its plain EAGLE-3 path.
+
+Our additions live under one top-level key, `spec` (vLLM ignores it): format version, layer-index
+convention, verifier fingerprint and provenance. A plain speculators checkpoint has no `spec` key and is
+valid as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from spec_format.errors import SpecError
+from spec_format.fingerprint import LAYER_CONVENTION, TargetInfo
+from spec_format.tensors import load_tensors, save_tensors
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ProposalMethod(msgspec.Struct):
+    speculative_tokens: int
+    proposal_type: str = "greedy"
+    verifier_accept_k: int = 1
+    accept_tolerance: float = 0.0
+
+
+class Verifier(msgspec.Struct):
+    name_or_path: str
+    architectures: list[str] = []
+
+
+class SpeculatorsSection(msgspec.Struct):
+    algorithm: str
+    proposal_methods: list[ProposalMethod]
+    verifier: Verifier
+    default_proposal_method: str = "greedy"
+
+
+class SpecMetadata(msgspec.Struct):
+    """Our additions. `provenance` is free-form JSON: how the draft was made (training run, conversion)."""
+
+    format_version: int = FORMAT_VERSION
+    layer_index_convention: str = LAYER_CONVENTION
+    verifier: TargetInfo | None = None
+    provenance: dict[str, Any] = {}
+
+
+class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
+    speculators_model_type: str
+    speculators_config: SpeculatorsSection
+    transformer_layer_config: dict[str, Any]
+    draft_vocab_size: int | None = None
+    target_hidden_size: int | None = None
+    # EAGLE-3: the target layers whose hidden states feed `fc`, in vLLM's capture-id convention
+    # (id k = residual stream after decoder layer k-1).
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    norm_before_residual: bool | None = None
+    norm_before_fc: bool | None = None
+    fc_norm: bool | None = None
+    norm_output: bool | None = None
+    embed_requires_grad: bool | None = None
+    # Written by speculators / transformers; accepted and kept, not interpreted.
+    architectures: list[str] | None = None
+    auto_map: dict[str, Any] | None = None
+    speculators_version: str | None = None
+    torch_dtype: str | None = None
+    dtype: str | None = None
+    tie_word_embeddings: bool | None = None
+    transformers_version: str | None = None
+    spec: SpecMetadata | None = None
+
+    @property
+    def algorithm(self) -> str:
+        return self.speculators_model_type
+
+    @property
+    def speculative_tokens(self) -> int:
+        return self.speculators_config.proposal_methods[0].speculative_tokens
+
+    @property
+    def verifier_name(self) -> str:
+        return self.speculators_config.verifier.name_or_path
+
+
+# Fields of a real speculators config.json that we accept without interpreting them.
+_TOLERATED_FIELDS = {"has_no_defaults_at_init", "model_type", "_name_or_path"}
+KNOWN_FIELDS = set(SpeculatorConfig.__struct_fields__) | _TOLERATED_FIELDS
+
+
+def _field_path(msg: str) -> str:
+    """msgspec says '... - at `$.a.b[0]`'; turn that into 'field a.b[0]: ...'."""
+    if " - at `$" in msg:
+        what, where = msg.split(" - at `$", 1)
+        return f"field '{where.rstrip('`').lstrip('.')}': {what}"
+    return msg
+
+
+def parse_config(raw: Any, source: str = CONFIG_NAME) -> tuple[SpeculatorConfig, list[str]]:
+    """(config, warnings) from a decoded config.json. Unknown top-level fields are warnings."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+    try:
+        cfg = msgspec.convert(raw, SpeculatorConfig)
+    except msgspec.ValidationError as e:
+        raise SpecError(f"{source}: {_field_path(str(e))}") from None
+    warnings = [f"{source}: unknown field '{k}' (ignored)" for k in sorted(set(raw) - KNOWN_FIELDS)]
+    if not cfg.speculators_config.proposal_methods:
+        raise SpecError(
+            f"{source}: field 'speculators_config.proposal_methods' is empty; add one greedy proposal method"
+        )
+    k = cfg.speculative_tokens
+    if k < 1:
+        raise SpecError(
+            f"{source}: field 'speculators_config.proposal_methods[0].speculative_tokens' is {k}; it must be at least 1"
+        )
+    return cfg, warnings
+
+
+def read_config(path: str | Path) -> tuple[SpeculatorConfig, list[str]]:
+    """Config of a checkpoint directory (or of a config.json path) and its warnings."""
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    try:
+        raw = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise SpecError(
+            f"{file}: not found; a speculator checkpoint directory holds config.json and model.safetensors"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise SpecError(f"{file}: not valid JSON{detail}") from None
+    return parse_config(raw, str(file))
+
+
+def config_to_dict(cfg: SpeculatorConfig) -> dict[str, Any]:
+    return msgspec.to_builtins(cfg)
+
+
+def write_checkpoint(
+    out_dir: str | Path, cfg: SpeculatorConfig, tensors: dict[str, np.ndarray], float_dtype: str = "bfloat16"
+) -> Path:
+    """Write config.json + model.safetensors into out_dir (each file atomically).
+
+    Floating-point tensors are stored as `float_dtype` (bf16 by default, as speculators does); d2t (int64)
+    and t2d (bool) keep their types. The weights are written before the config, so a directory with a
+    config.json always has the weights that belong to it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = msgspec.structs.replace(cfg, torch_dtype=float_dtype, dtype=float_dtype)
+    save_tensors(out / WEIGHTS_NAME, tensors, float_dtype=float_dtype)
+    tmp = out / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_NAME)
+    return out
+
+
+def read_checkpoint(path: str | Path) -> tuple[SpeculatorConfig, dict[str, np.ndarray]]:
+    """(config, tensors) of a checkpoint directory; float tensors come back as float32 numpy arrays."""
+    cfg, _ = read_config(path)
+    return cfg, load_tensors(Path(path) / WEIGHTS_NAME)
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """A directory with a config.json is treated as a checkpoint; validation says what is wrong with it."""
+    return (Path(path) / CONFIG_NAME).is_file()

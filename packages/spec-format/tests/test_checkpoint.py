@@ -1,0 +1,320 @@
+"""Speculator checkpoints: structs, tensors (bf16 without torch), vocab mapping, strict validation, CLI.
+
+numpy only: these tests also run where torch is not installed.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spec_format.algorithms import build_eagle3_config, layout_for
+from spec_format.checkpoint import read_checkpoint, read_config, write_checkpoint
+from spec_format.errors import SpecError
+from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir, read_model_config
+from spec_format.tensors import (
+    bf16_bits_to_float32,
+    float32_to_bf16_bits,
+    load_tensors,
+    save_tensors,
+    tensor_dtypes,
+)
+from spec_format.validate import validate_checkpoint
+from spec_format.vocab import build_vocab_mapping, vocab_mapping_problems
+
+VOCAB = 512
+
+
+def make_verifier(root: Path, model_type="llama", hidden=64, layers=8, vocab=VOCAB) -> Path:
+    d = root / f"verifier-{model_type}"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM" if model_type == "qwen3" else "LlamaForCausalLM"],
+        "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": vocab,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+    }  # fmt: skip
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    return d
+
+
+def make_checkpoint(
+    root: Path, name="draft", model_type="llama", num_layers=1, draft_vocab=128, seed=0
+) -> Path:
+    verifier = make_verifier(root, model_type)
+    cfg = build_eagle3_config(
+        read_model_config(verifier), fingerprint_model_dir(verifier), default_eagle3_layers(8)[:3], draft_vocab,
+        num_layers=num_layers, provenance={"test": True},
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    layout = layout_for(cfg)
+    tensors = {
+        n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in layout.required.items() if n != "d2t"
+    }
+    mapping = build_vocab_mapping(rng.integers(0, 50, VOCAB), draft_vocab)
+    tensors.update(d2t=mapping.d2t, t2d=mapping.t2d)
+    return write_checkpoint(root / name, cfg, tensors)
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def test_bf16_rounds_to_nearest_even():
+    # 1 + 2^-8 lies halfway between bf16 1.0 and 1 + 2^-7: ties go to the even mantissa (1.0);
+    # 1 + 3*2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6 and goes up to the even 1 + 2^-6.
+    x = np.array(
+        [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -2.5, 0.0, np.inf, -np.inf, np.nan, 3.4e38], np.float32
+    )
+    back = bf16_bits_to_float32(float32_to_bf16_bits(x))
+    assert back[0] == 1.0 and back[1] == 1 + 2**-6 and back[2] == 1 + 2**-7
+    assert back[3] == -2.5 and back[4] == 0.0 and back[5] == np.inf and back[6] == -np.inf
+    assert np.isnan(back[7]) and back[8] == np.inf  # above bf16's largest finite value: rounds to inf
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal(10_000).astype(np.float32) * 1e4
+    assert np.all(np.abs(bf16_bits_to_float32(float32_to_bf16_bits(y)) - y) <= np.abs(y) * 2**-8)
+
+
+def test_tensor_file_roundtrip_all_dtypes(tmp_path):
+    rng = np.random.default_rng(1)
+    tensors = {
+        "f32": rng.standard_normal((3, 5)).astype(np.float32),
+        "f16": rng.standard_normal(7).astype(np.float16),
+        "bf": rng.standard_normal((2, 3, 4)).astype(np.float32),
+        "i64": np.arange(-3, 9, dtype=np.int64),
+        "i32": np.arange(4, dtype=np.int32),
+        "u8": np.arange(6, dtype=np.uint8),
+        "mask": np.array([True, False, True]),
+        "scalar_vec": np.zeros((0,), np.float32),
+    }
+    save_tensors(tmp_path / "t.safetensors", tensors, dtypes={"bf": "bfloat16"}, metadata={"format": "pt"})
+    assert tensor_dtypes(tmp_path / "t.safetensors")["bf"] == "BF16"
+    back = load_tensors(tmp_path / "t.safetensors")
+    for name, arr in tensors.items():
+        expected = bf16_bits_to_float32(float32_to_bf16_bits(arr)) if name == "bf" else arr
+        assert back[name].dtype == expected.dtype and np.array_equal(back[name], expected), name
+    raw = load_tensors(tmp_path / "t.safetensors", upcast_bf16=False)["bf"]
+    assert raw.dtype == np.uint16 and np.array_equal(raw, float32_to_bf16_bits(tensors["bf"]))
+
+
+def test_files_read_back_with_the_safetensors_package(tmp_path):
+    """Our writer's files are standard safetensors (the package reads non-bf16 tensors with numpy)."""
+    from safetensors.numpy import load_file
+
+    save_tensors(
+        tmp_path / "t.safetensors", {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, bool)}
+    )
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert np.array_equal(back["a"], np.arange(6, dtype=np.float32).reshape(2, 3)) and back["b"].all()
+
+
+# --- vocab mapping ------------------------------------------------------------------------------
+
+
+def test_vocab_mapping_keeps_most_frequent_sorted():
+    freq = np.array([0, 9, 3, 9, 0, 1, 5, 0])
+    m = build_vocab_mapping(freq, 4)
+    assert m.target_ids.tolist() == [1, 2, 3, 6]  # counts 9, 3, 9, 5; kept ids in increasing order
+    assert m.d2t.tolist() == [1, 1, 1, 3] and m.d2t.dtype == np.int64
+    assert m.t2d.tolist() == [False, True, True, True, False, False, True, False]
+    assert m.num_unseen == 0 and vocab_mapping_problems(m.d2t, m.t2d, 8) == []
+
+
+def test_vocab_mapping_fills_unseen_by_id_and_counts_them():
+    freq = np.array([0, 0, 4, 0, 2, 0])
+    m = build_vocab_mapping(freq, 4)
+    assert m.target_ids.tolist() == [0, 1, 2, 4] and m.num_unseen == 2
+    full = build_vocab_mapping(freq, 6)
+    assert full.target_ids.tolist() == list(range(6)) and not full.d2t.any()
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        build_vocab_mapping(freq, 7)
+
+
+def test_vocab_problems_name_what_is_wrong():
+    assert "outside the target vocabulary" in vocab_mapping_problems(np.array([0, 5]), None, 4)[0]
+    assert "same target id" in vocab_mapping_problems(np.array([1, 0]), None, 4)[0]
+    t2d = np.array([True, False, True, False])
+    assert "disagree" in vocab_mapping_problems(np.array([0, 0]), t2d, 4)[0]
+
+
+# --- checkpoint round trip and validation --------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type,num_layers", [("llama", 1), ("llama", 2), ("qwen3", 1), ("qwen3", 3)])
+def test_checkpoint_roundtrip_validates(tmp_path, model_type, num_layers):
+    ckpt = make_checkpoint(tmp_path, model_type=model_type, num_layers=num_layers)
+    report = validate_checkpoint(ckpt, verifier=tmp_path / f"verifier-{model_type}")
+    assert report.ok and not report.warnings, report
+    cfg, tensors = read_checkpoint(ckpt)
+    assert cfg.algorithm == "eagle3" and cfg.speculative_tokens == 3 and cfg.draft_vocab_size == 128
+    assert cfg.spec.format_version == 1 and cfg.spec.verifier.hidden_size == 64
+    assert cfg.spec.provenance == {"test": True}
+    assert cfg.eagle_aux_hidden_state_layer_ids == [2, 4, 5]
+    assert tensors["layers.0.self_attn.q_proj.weight"].shape == (
+        64,
+        128,
+    )  # attention input is [embed, hidden]: 2H
+    assert tensors["fc.weight"].shape == (64, 3 * 64)
+    if num_layers > 1:
+        assert tensors[f"layers.{num_layers - 1}.self_attn.q_proj.weight"].shape == (64, 64)
+    assert ("layers.0.self_attn.q_norm.weight" in tensors) == (model_type == "qwen3")
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["norm_before_residual"] is False  # always explicit: vLLM's default differs by path
+    # a second write of what was read gives the same bytes (bf16 -> f32 -> bf16 is exact)
+    write_checkpoint(tmp_path / "again", cfg, tensors)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        ckpt / "model.safetensors"
+    ).read_bytes()
+
+
+def test_plain_speculators_checkpoint_is_valid_as_it_is(tmp_path):
+    """A config as the speculators project writes it (no `spec` key, its own extra fields) validates."""
+    ckpt = make_checkpoint(tmp_path)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw.pop("spec")
+    raw.update(
+        auto_map={"": "config.Eagle3SpeculatorConfig"}, speculators_version="0.8.0.dev0",
+        embed_requires_grad=False, transformers_version="4.57.1", has_no_defaults_at_init=False,
+    )  # fmt: skip
+    raw["speculators_config"]["proposal_methods"][0].update(verifier_accept_k=1, accept_tolerance=0.0)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    report = validate_checkpoint(ckpt, verifier=tmp_path / "verifier-llama")
+    assert report.ok and report.warnings == [], report
+
+
+def _mutate_config(ckpt: Path, fn) -> None:
+    raw = json.loads((ckpt / "config.json").read_text())
+    fn(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+def _mutate_tensors(ckpt: Path, fn) -> None:
+    tensors = load_tensors(ckpt / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    fn(tensors)
+    save_tensors(ckpt / "model.safetensors", tensors, float_dtype="bfloat16")
+
+
+BAD_CHECKPOINTS = {
+    "config not json": (lambda c: (c / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+    "config not an object": (lambda c: (c / "config.json").write_text("[1, 2]"), "expected a JSON object"),
+    "missing field": (
+        lambda c: _mutate_config(c, lambda r: r.pop("transformer_layer_config")),
+        "transformer_layer_config",
+    ),
+    "mistyped field": (
+        lambda c: _mutate_config(
+            c, lambda r: r["speculators_config"]["proposal_methods"][0].update(speculative_tokens="3")
+        ),
+        "speculators_config.proposal_methods[0].speculative_tokens",
+    ),
+    "zero speculative tokens": (
+        lambda c: _mutate_config(
+            c, lambda r: r["speculators_config"]["proposal_methods"][0].update(speculative_tokens=0)
+        ),
+        "must be at least 1",
+    ),
+    "unknown algorithm": (
+        lambda c: _mutate_config(c, lambda r: r.update(speculators_model_type="medusa9")),
+        "unknown algorithm 'medusa9'",
+    ),
+    "missing weights": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: file not found"),
+    "truncated weights": (
+        lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:-100]),
+        "truncated",
+    ),
+    "nan weights": (
+        lambda c: _mutate_tensors(c, lambda t: t["norm.weight"].__setitem__(3, np.nan)),
+        "'norm.weight' holds 1 NaN/Inf",
+    ),
+    "inf weights": (
+        lambda c: _mutate_tensors(c, lambda t: t["fc.weight"].__setitem__((0, 0), np.inf)),
+        "'fc.weight' holds 1 NaN/Inf",
+    ),
+    "wrong shape": (
+        lambda c: _mutate_tensors(c, lambda t: t.update({"fc.weight": np.zeros((64, 128), np.float32)})),
+        "tensor 'fc.weight': expected shape [64, 192], found [64, 128]",
+    ),
+    "missing tensor": (
+        lambda c: _mutate_tensors(c, lambda t: t.pop("layers.0.hidden_norm.weight")),
+        "missing tensor 'layers.0.hidden_norm.weight'",
+    ),
+    "unknown tensor": (
+        lambda c: _mutate_tensors(c, lambda t: t.update(medusa_head=np.zeros(3, np.float32))),
+        "unknown tensor 'medusa_head'",
+    ),
+    "d2t outside vocab": (
+        lambda c: _mutate_tensors(c, lambda t: t["d2t"].__setitem__(-1, 10_000)),
+        "outside the target vocabulary",
+    ),
+    "d2t wrong dtype": (
+        lambda c: _mutate_tensors(c, lambda t: t.update(d2t=t["d2t"].astype(np.int32))),
+        "'d2t': expected dtype I64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoints_fail_with_one_clear_line(tmp_path, case):
+    ckpt = make_checkpoint(tmp_path)
+    mutate, expected = BAD_CHECKPOINTS[case]
+    mutate(ckpt)
+    report = validate_checkpoint(ckpt)
+    assert not report.ok
+    assert any(expected in e for e in report.errors), report.errors
+    assert all("\n" not in e for e in report.errors)
+    # the command: exit 1, the problem on stderr, no traceback
+    out = subprocess.run(
+        [sys.executable, "-m", "spec_format", "validate", str(ckpt)], capture_output=True, text=True
+    )
+    assert out.returncode == 1 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_unknown_config_field_is_a_warning(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    _mutate_config(ckpt, lambda r: r.update(my_new_flag=True))
+    report = validate_checkpoint(ckpt)
+    assert report.ok and report.warnings == [f"{ckpt / 'config.json'}: unknown field 'my_new_flag' (ignored)"]
+
+
+def test_verifier_mismatches_are_errors(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    other = make_verifier(tmp_path / "x", hidden=128)
+    report = validate_checkpoint(ckpt, verifier=other)
+    assert any("does not match the verifier's hidden_size 128" in e for e in report.errors), report.errors
+    small = make_verifier(tmp_path / "y", vocab=256)
+    report = validate_checkpoint(ckpt, verifier=small)
+    assert any("vocab_size' is 512, the verifier's vocab_size is 256" in e for e in report.errors), (
+        report.errors
+    )
+    shallow = make_verifier(tmp_path / "z", layers=4)
+    report = validate_checkpoint(ckpt, verifier=shallow)
+    assert any("holds 5, outside [0, 4]" in e for e in report.errors), report.errors
+
+
+def test_changed_verifier_tokenizer_is_a_warning(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    (tmp_path / "verifier-llama" / "tokenizer.json").write_text('{"other": 1}')
+    report = validate_checkpoint(ckpt, verifier=tmp_path / "verifier-llama")
+    assert report.ok and any("tokenizer_sha256" in w for w in report.warnings), report
+
+
+def test_inspect_json(tmp_path):
+    ckpt = make_checkpoint(tmp_path, num_layers=2)
+    out = subprocess.run(
+        [sys.executable, "-m", "spec_format", "inspect", "--json", str(ckpt)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["algorithm"] == "eagle3" and info["draft_layers"] == 2 and info["speculative_tokens"] == 3
+    assert info["draft_vocab_size"] == 128 and info["target_vocab_size"] == 512 and info["parameters"] > 0
+
+
+def test_read_config_reports_the_field(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    _mutate_config(ckpt, lambda r: r["speculators_config"].pop("verifier"))
+    with pytest.raises(SpecError, match="speculators_config"):
+        read_config(ckpt)
