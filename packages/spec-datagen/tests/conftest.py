@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Chat templates of real model families as their tokenizer configs ship them: Llama-3 and Gemma-2 verbatim,
@@ -205,3 +206,41 @@ def capture_llm(vllm_engine, demo_model, tmp_path_factory):
         max_num_batched_tokens=96,
     )
     return vllm_engine(CAPTURE_KEY, demo_model, **kwargs)
+
+
+def _conversations(n: int, seed: int = 0) -> list[dict]:
+    """n multi-turn chats (1-3 exchanges) of random lengths: 15-400 tokens with the SmolLM2 template."""
+    rng = np.random.default_rng(seed)
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "dogs",
+        "ran",
+        "past",
+        "three",
+        "red",
+        "cars",
+        "and",
+        "one",
+        "blue",
+        "bus",
+    ]
+    rows = []
+    for i in range(n):
+        turns = []
+        for _ in range(1 + i % 3):
+            turns.append({"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 40)))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(2, 60)))})
+        rows.append({"messages": turns})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def make_conversations():
+    """make_conversations(n, seed=0) -> n chat rows in the `messages` layout (deterministic)."""
+    return _conversations

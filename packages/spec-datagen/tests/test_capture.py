@@ -60,45 +60,16 @@ def hf_smollm2(demo_model):
     return AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
 
 
-def conversations(n, seed=0):
-    rng = np.random.default_rng(seed)
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "while",
-        "dogs",
-        "ran",
-        "past",
-        "three",
-        "red",
-        "cars",
-        "and",
-        "one",
-        "blue",
-        "bus",
-    ]
-    rows = []
-    for i in range(n):
-        turns = []
-        for _ in range(1 + i % 3):
-            turns.append({"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 40)))})
-            turns.append({"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(2, 60)))})
-        rows.append({"messages": turns})
-    return rows
-
-
 @pytest.mark.e2e
-def test_captured_states_match_transformers_per_token_and_layer(capture_llm, demo_model, hf_smollm2):
+def test_captured_states_match_transformers_per_token_and_layer(
+    capture_llm, demo_model, hf_smollm2, make_conversations
+):
     import torch
 
     cap = Capturer(demo_model, max_len=512, llm=capture_llm)
     layers = cap.layer_ids
     assert layers == [0, 1, 2, 15, 27, 29, 30]
-    rows = conversations(6)
+    rows = make_conversations(6)
     expected = list(cap.tokenized(rows))
     lengths = [len(s.token_ids) for s in expected]
     assert max(lengths) > 2 * 96 and min(lengths) < 96, lengths  # several prefill chunks, mixed lengths
@@ -127,8 +98,10 @@ def test_captured_states_match_transformers_per_token_and_layer(capture_llm, dem
 
 
 @pytest.mark.e2e
-def test_capturer_streams_files_in_input_order_with_skips(capture_llm, demo_model, tmp_path):
-    rows = conversations(5, seed=1)
+def test_capturer_streams_files_in_input_order_with_skips(
+    capture_llm, demo_model, tmp_path, make_conversations
+):
+    rows = make_conversations(5, seed=1)
     lines = [json.dumps(r) for r in rows]
     lines.insert(2, "{broken")
     lines.append(
@@ -151,19 +124,19 @@ def test_capturer_streams_files_in_input_order_with_skips(capture_llm, demo_mode
 
 
 @pytest.mark.e2e
-def test_stopping_early_leaves_the_engine_clean(capture_llm, demo_model):
+def test_stopping_early_leaves_the_engine_clean(capture_llm, demo_model, make_conversations):
     cap = Capturer(demo_model, max_len=512, llm=capture_llm)
     storage = capture_llm.llm_engine.vllm_config.kv_transfer_config.kv_connector_extra_config[
         "shared_storage_path"
     ]
-    gen = cap.samples(conversations(8, seed=2))
+    gen = cap.samples(make_conversations(8, seed=2))
     first = next(gen)
     gen.close()  # aborts what is still queued
     assert not capture_llm.llm_engine.has_unfinished_requests()
     import pathlib
 
     assert not [p for p in pathlib.Path(storage).iterdir() if p.suffix == ".safetensors"]
-    again = next(cap.samples(conversations(8, seed=2)))
+    again = next(cap.samples(make_conversations(8, seed=2)))
     assert np.array_equal(again.token_ids, first.token_ids)
     np.testing.assert_allclose(again.hidden, first.hidden, rtol=0, atol=1e-3)
 
@@ -182,7 +155,7 @@ def test_capture_refuses_an_engine_without_capture(capture_llm):
 
 
 @pytest.mark.e2e
-def test_moe_target_through_the_same_path(vllm_engine, tiny_model, tmp_path_factory):
+def test_moe_target_through_the_same_path(vllm_engine, tiny_model, tmp_path_factory, make_conversations):
     """A tiny random Qwen3-MoE: same engine settings, same capture code, same agreement with transformers."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -198,7 +171,7 @@ def test_moe_target_through_the_same_path(vllm_engine, tiny_model, tmp_path_fact
         **capture_engine_kwargs(layers, tmp_path_factory.mktemp("moe-capture"), max_model_len=257),
     )
     cap = Capturer(model, max_len=256, llm=llm)
-    got = list(cap.samples(conversations(3, seed=3)))
+    got = list(cap.samples(make_conversations(3, seed=3)))
     assert len(got) == 3
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     for sample in got:

@@ -72,9 +72,25 @@ def validate_layer_ids(layer_ids: Iterable[int], num_hidden_layers: int) -> list
 
 def default_storage_dir() -> Path:
     """A fresh directory for the connector's per-request files: in RAM (/dev/shm) when there is one,
-    since each file is read once and deleted at once."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="spec-capture-", dir=base))
+    since each file is read once and deleted at once. Directories left by killed runs (their process is
+    gone) are removed first."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    root = base or Path(tempfile.gettempdir())
+    for old in root.glob("spec-capture-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"spec-capture-{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def capture_engine_kwargs(
@@ -211,7 +227,3 @@ def capture(llm, samples: Iterable, *, max_inflight_tokens: int = 65536) -> Iter
             if path:
                 for p in (path, path + ".lock"):
                     Path(p).unlink(missing_ok=True)
-
-
-def remove_storage_dir(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -188,20 +188,12 @@ class Capturer:
         if llm is None:
             n = self.config["num_hidden_layers"]
             self.layer_ids = validate_layer_ids(layer_ids or default_eagle3_layers(n), n)
-            self._storage = default_storage_dir()
-            try:
-                llm = make_capture_llm(
-                    model,
-                    self.layer_ids,
-                    self._storage,
-                    max_model_len=max_len + 1,  # the prompt plus the one sampled token
-                    tensor_parallel_size=tensor_parallel_size,
-                    data_parallel_size=data_parallel_size,
-                    **(engine_kwargs or {}),
-                )
-            except BaseException:
-                shutil.rmtree(self._storage, ignore_errors=True)
-                raise
+            self._engine_kwargs = dict(
+                max_model_len=max_len + 1,  # the prompt plus the one sampled token
+                tensor_parallel_size=tensor_parallel_size,
+                data_parallel_size=data_parallel_size,
+                **(engine_kwargs or {}),
+            )
         else:
             self.layer_ids = capture_layer_ids(llm)
             if layer_ids is not None and sorted(layer_ids) != self.layer_ids:
@@ -211,7 +203,19 @@ class Capturer:
                 raise SpecError(
                     f"max_len {max_len} needs an engine with max_model_len > {max_len} (it has {limit})"
                 )
-        self.llm = llm
+        self._llm = llm
+
+    def start(self):
+        """Start the capture engine unless it runs (35-50 s on two CPU cores); returns it. Done lazily, so
+        that everything that can be checked without it (layers, rows, disk space) fails before it starts."""
+        if self._llm is None:
+            self._storage = default_storage_dir()
+            self._llm = make_capture_llm(self.model, self.layer_ids, self._storage, **self._engine_kwargs)
+        return self._llm
+
+    @property
+    def llm(self):
+        return self.start()
 
     @property
     def hidden_size(self) -> int:
@@ -235,11 +239,11 @@ class Capturer:
             yield sample
 
     def close(self) -> None:
-        if self._own_llm and self.llm is not None:
+        if self._own_llm and self._llm is not None:
             from spec_datagen.runtime import shutdown_llm
 
-            shutdown_llm(self.llm)
-            self.llm = None
+            shutdown_llm(self._llm)
+            self._llm = None
         if self._storage is not None:
             shutil.rmtree(self._storage, ignore_errors=True)
             self._storage = None
@@ -306,8 +310,10 @@ def write_dataset(
 ) -> Summary:
     """Capture `source` into a spec-format dataset at out_dir (see the module doc for row selection).
 
-    Before capturing, a dry pass counts the tokens to capture and refuses to start when the disk cannot
-    hold them (bytes_per_token x tokens) unless `force`; the count also drives the progress bar's ETA.
+    Before the engine starts, a dry pass renders this job's rows and counts the tokens to capture: it
+    refuses to start when the disk cannot hold them (bytes_per_token x tokens) unless `force`, stops at
+    the first broken row with on_error="fail", and gives the progress bar its total for the ETA. A
+    one-shot iterator as source is read once, without that pass.
     """
     from tqdm import tqdm
 
@@ -336,17 +342,26 @@ def write_dataset(
         command=command,
     ) as writer:
         start = writer.next_source_index
-        n_expected, tokens_expected = estimate(capturer.tokenized(source, start=start, report=None, **select))
         per_token = bytes_per_token(len(capturer.layer_ids), capturer.hidden_size, dtype)
-        needed = per_token * tokens_expected
-        free = check_disk(out_dir, needed, force)
+        n_expected = tokens_expected = None
+        if not isinstance(source, Iterator):  # a one-shot iterator cannot be read twice
+            n_expected, tokens_expected = estimate(
+                capturer.tokenized(source, start=start, report=None, **select)
+            )
+            needed = per_token * tokens_expected
+            free = check_disk(out_dir, needed, force)
         if report is not None:
-            report(
-                f"[datagen] {n_expected} samples, {tokens_expected} tokens x {per_token} B/token "
-                f"({len(capturer.layer_ids)} layers x {capturer.hidden_size} x {dtype}) = about {_human(needed)}"
+            size = (
+                f"{n_expected} samples, {tokens_expected} tokens x {per_token} B/token = about {_human(needed)}"
                 f"{' before compression' if compression else ''}; {_human(free)} free"
+                if tokens_expected is not None
+                else f"{per_token} B/token; the input is a one-shot iterator, so its size and the disk check are skipped"
+            )
+            report(
+                f"[datagen] {len(capturer.layer_ids)} layers x {capturer.hidden_size} x {dtype}: {size}"
                 + (f"; resuming at input row {start}" if start else "")
             )
+        capturer.start()  # after every check that does not need the engine
         stats = Stats()
         t0 = time.perf_counter()
         bar = tqdm(
@@ -373,7 +388,7 @@ def write_dataset(
                     hidden=sample.hidden,
                 )
                 bar.update(len(sample.token_ids))
-                bar.set_postfix(samples=f"{stats.samples}/{n_expected}", refresh=False)
+                bar.set_postfix(samples=f"{stats.samples}/{n_expected or '?'}", refresh=False)
     seconds = time.perf_counter() - t0
     return Summary(
         stats=stats,
