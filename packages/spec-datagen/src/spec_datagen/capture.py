@@ -99,7 +99,6 @@ def capture_engine_kwargs(
     *,
     max_model_len: int,
     tensor_parallel_size: int = 1,
-    data_parallel_size: int = 1,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Keyword arguments (beyond the model) for `runtime.make_llm` that turn on hidden-state capture."""
@@ -109,7 +108,6 @@ def capture_engine_kwargs(
         "max_model_len": max_model_len,
         "enable_prefix_caching": False,
         "tensor_parallel_size": tensor_parallel_size,
-        "data_parallel_size": data_parallel_size,
         "speculative_config": {
             "method": "extract_hidden_states",
             "num_speculative_tokens": 1,

@@ -123,8 +123,21 @@ def _parse_json(value: str | None, what: str) -> dict:
     help="Assistant turns that the template renders differently once later turns follow (Qwen3 "
     "thinking): leave them out of the loss mask, or refuse the row.",
 )
-@click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--data-parallel-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--tensor-parallel-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="GPUs per engine (vLLM tensor parallelism).",
+)
+@click.option(
+    "--data-parallel-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Engines on this machine, each on its own --tensor-parallel-size GPUs and a share of the rows "
+    "(jobs of one dataset; see spec_datagen.parallel).",
+)
 @click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
 @click.option("--force", is_flag=True, help="Start even when the disk looks too small for the estimate.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -167,37 +180,29 @@ def datagen(
     # Validated before the engine starts (a minute) so that a typo fails at once.
     layer_ids = validate_layer_ids(layer_ids or default_eagle3_layers(n), n)
     template_text = Path(chat_template).read_text() if chat_template else None
-    # Everything that decides the dataset's content, with defaults spelled out.
-    argv = [
-        "spec",
-        "datagen",
-        str(target),
-        *(a for d in data for a in ("--data", str(d))),
-        "--out",
-        str(out_dir),
-        "--layers",
-        ",".join(map(str, layer_ids)),
-        "--max-len",
-        str(max_len),
-        "--long",
-        long_policy,
-        "--shard-index",
-        str(shard_index),
-        "--num-shards",
-        str(num_shards),
-        "--dtype",
-        dtype,
-        "--samples-per-shard",
-        str(samples_per_shard),
-        "--on-error",
-        on_error,
-        "--rewritten-turns",
-        rewritten_turns,
-    ]
-    argv += ["--max-samples", str(max_samples)] if max_samples else []
-    argv += ["--compress", compress] if compress else []
-    argv += ["--chat-template", str(chat_template)] if chat_template else []
-    argv += ["--chat-template-kwargs", chat_template_kwargs] if chat_template_kwargs else []
+    # Everything that decides the dataset's content, with defaults spelled out (recorded in the manifest).
+    content = [str(target), *(a for d in data for a in ("--data", str(d))), "--out", str(out_dir),
+               "--layers", ",".join(map(str, layer_ids)), "--max-len", str(max_len), "--long", long_policy,
+               "--dtype", dtype, "--samples-per-shard", str(samples_per_shard), "--on-error", on_error,
+               "--rewritten-turns", rewritten_turns]  # fmt: skip
+    content += ["--max-samples", str(max_samples)] if max_samples else []
+    content += ["--compress", compress] if compress else []
+    content += ["--chat-template", str(chat_template)] if chat_template else []
+    content += ["--chat-template-kwargs", chat_template_kwargs] if chat_template_kwargs else []
+    if data_parallel_size > 1:
+        from spec_datagen.parallel import data_parallel_jobs, run_jobs, visible_devices
+
+        jobs = data_parallel_jobs(
+            shard_index, num_shards, data_parallel_size, tensor_parallel_size, visible_devices()
+        )
+        flags = [
+            f for f, on in (("--resume", resume), ("--force", force), ("--no-progress", not progress)) if on
+        ]
+        extra = ["--engine-kwargs", engine_kwargs] if engine_kwargs else []
+        raise click.exceptions.Exit(
+            run_jobs(jobs, [*content, "--tensor-parallel-size", str(tensor_parallel_size), *extra, *flags])
+        )
+    argv = ["spec", "datagen", *content, "--shard-index", str(shard_index), "--num-shards", str(num_shards)]
     with Capturer(
         target,
         layer_ids=layer_ids,
@@ -206,7 +211,6 @@ def datagen(
         template_kwargs=template_kwargs,
         rewritten=rewritten_turns,
         tensor_parallel_size=tensor_parallel_size,
-        data_parallel_size=data_parallel_size,
         engine_kwargs=extra_engine,
     ) as capturer:
         summary = write_dataset(

@@ -173,7 +173,6 @@ class Capturer:
         template_kwargs: dict[str, Any] | None = None,
         rewritten: str = "unmask",
         tensor_parallel_size: int = 1,
-        data_parallel_size: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
         llm=None,
     ):
@@ -191,7 +190,6 @@ class Capturer:
             self._engine_kwargs = dict(
                 max_model_len=max_len + 1,  # the prompt plus the one sampled token
                 tensor_parallel_size=tensor_parallel_size,
-                data_parallel_size=data_parallel_size,
                 **(engine_kwargs or {}),
             )
         else:
