@@ -65,16 +65,16 @@ def test_broken_row_with_on_error_fail_stops_before_the_engine(spec_cli, demo_mo
 def test_kill_9_then_resume_equals_an_uninterrupted_run(
     spec_cli, demo_model, tmp_path, capture_llm, make_conversations
 ):
-    rows = make_conversations(40, seed=6)
+    rows = make_conversations(24, seed=6)
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
     ref = tmp_path / "ref"
     cap = Capturer(demo_model, max_len=512, llm=capture_llm)
-    write_dataset(cap, data, ref, samples_per_shard=4, progress=False, report=None)
+    write_dataset(cap, data, ref, samples_per_shard=3, progress=False, report=None)
 
     out = tmp_path / "out"
     cmd = [spec_cli, "datagen", str(demo_model), "--data", str(data), "--out", str(out), "--layers", LAYERS,
-           "--max-len", "512", "--samples-per-shard", "4"]  # fmt: skip
+           "--max-len", "512", "--samples-per-shard", "3"]  # fmt: skip
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     # A session of its own: kill -9 hits the command and vLLM's engine processes at once.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -101,16 +101,16 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     else:
         pytest.fail("processes of the killed run are still alive")
     killed = Dataset(out)
-    assert 8 <= len(killed) < 40
+    assert 6 <= len(killed) < 24
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{data}:41: not valid JSON" in done.stderr
+    assert f"{data}:25: not valid JSON" in done.stderr
     assert f"resuming at input row {killed.source_indices.max() + 1}" in done.stderr
     assert "skipped: malformed: 1" in done.stdout and "tokens/s" in done.stdout
 
     resumed, whole = Dataset(out), Dataset(ref)
-    assert resumed.source_indices.tolist() == list(range(40))
+    assert resumed.source_indices.tolist() == list(range(24))
     for a, b in zip(resumed, whole, strict=True):
         assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.loss_mask, b.loss_mask)
         # bf16 storage: the same fp32 states up to one bf16 rounding step.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -179,6 +180,7 @@ def capture(llm, samples: Iterable, *, max_inflight_tokens: int = 65536) -> Iter
     finished: dict[str, Any] = {}  # request id -> RequestOutput, possibly out of order
     inflight = 0
     counter = 0
+    run = uuid.uuid4().hex[:8]  # request ids stay unique when several captures share an engine
     exhausted = False
     try:
         while True:
@@ -188,7 +190,7 @@ def capture(llm, samples: Iterable, *, max_inflight_tokens: int = 65536) -> Iter
                     exhausted = True
                     break
                 ids = np.asarray(sample.token_ids, dtype=np.int64)
-                request_id = f"capture-{counter}"
+                request_id = f"capture-{run}-{counter}"
                 counter += 1
                 engine.add_request(request_id, {"prompt_token_ids": ids.tolist()}, params)
                 queue.append((request_id, sample))
@@ -217,9 +219,9 @@ def capture(llm, samples: Iterable, *, max_inflight_tokens: int = 65536) -> Iter
         leftover = [rid for rid, _ in queue]
         if leftover:
             engine.abort_request(leftover)
-            # Drain so the engine is clean for the next caller; files of aborted requests are removed below.
+            # Drain so that the engine is clean for the next caller; files that were written anyway go below.
             while engine.has_unfinished_requests():
-                engine.step()
+                finished.update((o.request_id, o) for o in engine.step() if o.finished)
         for out in finished.values():
             path = (out.kv_transfer_params or {}).get("hidden_states_path")
             if path:
