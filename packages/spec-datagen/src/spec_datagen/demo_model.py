@@ -205,9 +205,10 @@ def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> dict:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        # vLLM's CPU attention kernels take head sizes of 32 and up (16 fails at the first forward).
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,

@@ -1,0 +1,114 @@
+"""Row selection and policies of the datagen pipeline (no engine needed: the tokenized stream)."""
+
+import json
+
+import pytest
+
+from spec_datagen.pipeline import Stats, bytes_per_token, check_disk, tokenized_samples
+from spec_datagen.template import ChatRenderer
+from spec_format.errors import SpecError
+
+
+@pytest.fixture(scope="module")
+def renderer(demo_model):
+    return ChatRenderer.for_model(demo_model)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat(i, words=3):
+    return {
+        "messages": [
+            {"role": "user", "content": f"q{i}"},
+            {"role": "assistant", "content": " ".join(["w"] * words)},
+        ]
+    }
+
+
+def test_shards_split_the_input_deterministically_and_completely(tmp_path, renderer):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(10)])
+    everything = [s.source_index for s in tokenized_samples(data, renderer, max_len=512)]
+    assert everything == list(range(10))
+    parts = [[s.source_index for s in tokenized_samples(data, renderer, max_len=512, shard_index=k, num_shards=3)]
+             for k in range(3)]  # fmt: skip
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    with pytest.raises(SpecError, match="--shard-index 3 must be in 0..2"):
+        next(tokenized_samples(data, renderer, max_len=512, shard_index=3, num_shards=3))
+
+
+def test_start_and_max_rows_select_by_input_row(tmp_path, renderer):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(10)])
+    got = [s.source_index for s in tokenized_samples(data, renderer, max_len=512, start=4)]
+    assert got == [4, 5, 6, 7, 8, 9]
+    # max_rows counts the job's share from the beginning, so a resumed job stops where a fresh one would.
+    got = [
+        s.source_index
+        for s in tokenized_samples(data, renderer, max_len=512, num_shards=2, max_rows=3, start=2)
+    ]
+    assert got == [2, 4]
+
+
+def test_broken_rows_are_reported_by_line_or_stop_the_run(tmp_path, renderer):
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [chat(0), "{oops", {"messages": [{"role": "bot", "content": "x"}]}, chat(3)]
+    )
+    reports, stats = [], Stats()
+    got = list(tokenized_samples(data, renderer, max_len=512, stats=stats, report=reports.append))
+    # Row indices are positions in the input, broken rows included, so they do not shift.
+    assert [s.source_index for s in got] == [0, 3]
+    assert reports[0].startswith(f"{data}:2: not valid JSON")
+    assert reports[1].startswith(f"{data}:3: messages[0].role is 'bot'")
+    assert stats.skipped == {"malformed": 2} and stats.rows == 4
+    with pytest.raises(SpecError, match=rf"^{data}:2: not valid JSON.*--on-error fail"):
+        list(tokenized_samples(data, renderer, max_len=512, on_error="fail", report=None))
+
+
+def test_long_samples_are_truncated_or_skipped_and_counted(tmp_path, renderer):
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            chat(0, words=2),
+            chat(1, words=200),
+            {"messages": [{"role": "user", "content": "only a question"}]},
+        ],
+    )
+    stats = Stats()
+    got = list(tokenized_samples(data, renderer, max_len=64, stats=stats, report=None))
+    assert [len(s.token_ids) for s in got][1] == 64 and got[1].loss_mask.any()
+    assert stats.truncated == 1 and stats.skipped == {"no_supervised_tokens": 1}
+    stats = Stats()
+    got = list(tokenized_samples(data, renderer, max_len=64, long="skip", stats=stats, report=None))
+    assert [s.source_index for s in got] == [0]
+    assert stats.skipped == {"too_long": 1, "no_supervised_tokens": 1} and stats.truncated == 0
+
+
+def test_truncation_that_leaves_no_assistant_token_skips_the_sample(tmp_path, renderer):
+    long_question = {
+        "messages": [{"role": "user", "content": "w " * 200}, {"role": "assistant", "content": "a"}]
+    }
+    stats = Stats()
+    assert list(tokenized_samples([long_question], renderer, max_len=32, stats=stats)) == []
+    assert stats.skipped == {"no_supervised_tokens": 1} and stats.truncated == 1
+
+
+def test_in_memory_rows_and_datasets_objects_are_sources(renderer):
+    datasets = pytest.importorskip("datasets")
+    rows = [chat(i) for i in range(3)]
+    from_list = [s.token_ids.tolist() for s in tokenized_samples(rows, renderer, max_len=512)]
+    from_ds = [
+        s.token_ids.tolist()
+        for s in tokenized_samples(datasets.Dataset.from_list(rows), renderer, max_len=512)
+    ]
+    assert from_list == from_ds and len(from_list) == 3
+
+
+def test_cost_estimate_and_disk_check(tmp_path):
+    assert bytes_per_token(4, 576, "bf16") == 4 * 576 * 2 + 5
+    assert bytes_per_token(4, 576, "fp8") == 4 * 576 + 5
+    assert check_disk(tmp_path / "new" / "dir", 1, force=False) > 0
+    with pytest.raises(SpecError, match=r"needs about .* but only .* is free there; .* or pass --force"):
+        check_disk(tmp_path, 1 << 60, force=False)
+    assert check_disk(tmp_path, 1 << 60, force=True) > 0
