@@ -85,22 +85,22 @@ def test_topics_file(tmp_path):
         read_topics(tmp_path / "e.txt")
 
 
-def test_cli_refuses_a_model_without_chat_template_before_the_engine(tmp_path, style_model, spec_cli):
-    import shutil
-
-    base = tmp_path / "base"
-    shutil.copytree(style_model("base"), base)
-    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "max_position_embeddings": 512}))
-    res = subprocess.run(
-        [spec_cli, "synth", str(base), "--n", "2", "--out", str(tmp_path / "p.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert (
-        res.returncode == 1 and "no chat template: prompt synthesis needs an aligned chat model" in res.stderr
-    )
-    assert not (tmp_path / "p.jsonl").exists()
+@pytest.mark.parametrize(
+    "style, topics, message",
+    [
+        ("base", False, "no chat template: prompt synthesis needs an aligned chat model"),
+        ("gemma", True, "does not accept a system message (so --topics cannot seed it)"),
+    ],
+)
+def test_cli_refuses_what_cannot_work_before_starting_the_engine(
+    tmp_path, style_model, spec_cli, style, topics, message
+):
+    (tmp_path / "topics.txt").write_text("cooking\n")
+    cmd = [spec_cli, "synth", str(style_model(style)), "--n", "2", "--out", str(tmp_path / "p.jsonl")]
+    cmd += ["--topics", str(tmp_path / "topics.txt")] if topics else []
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and message in res.stderr
+    assert "engine" not in res.stderr.lower() and not (tmp_path / "p.jsonl").exists()
 
 
 @pytest.mark.e2e

@@ -483,6 +483,7 @@ def synth(
     from spec_datagen.regenerate import Regenerator, RegenStats, RegenSummary, default_sampling
     from spec_datagen.runtime import make_llm, shutdown_llm
     from spec_datagen.synth import (
+        TOPIC_SYSTEM,
         SynthOptions,
         SynthStats,
         read_topics,
@@ -497,7 +498,8 @@ def synth(
     template_text = Path(chat_template).read_text() if chat_template else None
     renderer = ChatRenderer.for_model(target, template_text)
     topic_list = read_topics(topics) if topics else None
-    user_turn_prefix(renderer)  # a model without a chat template is refused before the engine starts
+    # A template that cannot seed topics, or none at all, is refused before the engine starts (a minute).
+    user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topic_list[0]) if topic_list else None)
     options = SynthOptions(
         seed=seed,
         temperature=temperature,

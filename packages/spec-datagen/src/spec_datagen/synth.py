@@ -279,7 +279,10 @@ def synthesize(
     exact: set[str] = set()
     near = NearDuplicates(opt.near_dup)
     end = set(renderer.end_ids)
-    for topic, completion in run_in_order(llm, (attempt(i) for i in range(max_attempts))):
+    # Attempts in flight: enough to keep the engine busy, not many more than n (the rest are thrown away).
+    max_active = min(2 * llm.llm_engine.vllm_config.scheduler_config.max_num_seqs, 2 * n)
+    tasks = (attempt(i) for i in range(max_attempts))
+    for topic, completion in run_in_order(llm, tasks, max_active=max_active):
         stats.attempts += 1
         ids = list(completion.token_ids)
         stats.generated_tokens += len(ids)
