@@ -104,6 +104,7 @@ def test_cli_refuses_what_cannot_work_before_starting_the_engine(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_synth_with_replies(tmp_path, demo_model, spec_cli):
     out = tmp_path / "p.jsonl"
     res = subprocess.run(
