@@ -263,3 +263,294 @@ def serve(
         draft_dir, list(vllm_args), verifier=verifier, num_speculative_tokens=num_speculative_tokens
     )
     raise click.exceptions.Exit(code)
+
+
+def _default_context(target: str, cap: int = 4096) -> int:
+    from spec_format.fingerprint import read_model_config
+
+    return min(cap, int(read_model_config(target).get("max_position_embeddings") or cap))
+
+
+def _sampling_options(f):
+    """--temperature/--top-p/--top-k/--max-tokens/--seed, shared by regenerate and synth --respond."""
+    f = click.option("--seed", default=None, type=int, help="Seed of sampled replies [default: 0].")(f)
+    f = click.option(
+        "--max-tokens",
+        default=None,
+        type=click.IntRange(min=1),
+        help="Longest reply in tokens (default: the generation config's max_new_tokens, else 1024).",
+    )(f)
+    f = click.option("--top-k", default=None, type=click.IntRange(min=0), help="0 turns top-k off.")(f)
+    f = click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True))(f)
+    f = click.option(
+        "--temperature",
+        default=None,
+        type=click.FloatRange(min=0),
+        help="0 is greedy. Default: the target's generation_config.json, greedy when it sets no sampling.",
+    )(f)
+    return f
+
+
+@click.command("regenerate")
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="Conversations or prompts: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
+    "datasets.save_to_disk directory (repeat for several; read in the order given).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSONL file to write (rows in input order).",
+)
+@_sampling_options
+@click.option(
+    "--resume", is_flag=True, help="Keep the complete rows already in --out and continue after them."
+)
+@click.option(
+    "--max-rows", default=None, type=click.IntRange(min=1), help="Regenerate only the first N readable rows."
+)
+@click.option(
+    "--max-model-len",
+    default=None,
+    type=click.IntRange(min=16),
+    help="Engine context (prompt + reply); a turn whose prompt does not fit cuts its conversation there "
+    "[default: 4096, or the target's own if shorter].",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["skip", "fail"]),
+    default="skip",
+    show_default=True,
+    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
+)
+@click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A Jinja chat template file to use instead of the target's own.",
+)
+@click.option(
+    "--chat-template-kwargs",
+    default=None,
+    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
+)
+@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def regenerate(
+    target,
+    data,
+    out,
+    temperature,
+    top_p,
+    top_k,
+    max_tokens,
+    seed,
+    resume,
+    max_rows,
+    max_model_len,
+    on_error,
+    chat_template,
+    chat_template_kwargs,
+    engine_kwargs,
+    progress,
+) -> None:
+    """Rewrite every assistant turn of the conversations with TARGET (on-policy replies).
+
+    Multi-turn conversations are regenerated turn by turn on their regenerated history; system, user and
+    tool messages are kept; a row that ends with a user message gets a reply. The output has one row per
+    readable input row, in input order and in the row's own layout, ready for `spec datagen`.
+    """
+    from pathlib import Path
+
+    from spec_datagen.regenerate import Regenerator, default_sampling, write_regenerated
+
+    template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
+    extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
+    sampling = default_sampling(
+        target, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed
+    )
+    if Path(out).exists() and not resume:  # before the engine starts (a minute)
+        raise click.UsageError(f"{out} already exists; pass --resume to continue it, or remove it")
+    with Regenerator(
+        target,
+        sampling=sampling,
+        max_model_len=max_model_len or _default_context(target),
+        chat_template=Path(chat_template).read_text() if chat_template else None,
+        template_kwargs=template_kwargs,
+        engine_kwargs=extra_engine,
+    ) as regen:
+        summary = write_regenerated(
+            regen, list(data), out, resume=resume, max_rows=max_rows, on_error=on_error, progress=progress
+        )
+    for line in summary.lines():
+        click.echo(line)
+
+
+@click.command("synth")
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--n", "n", required=True, type=click.IntRange(min=1), help="Prompts to write (after filtering)."
+)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--topics",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A text file of topics, one per line; prompt i is seeded with topic i mod their number.",
+)
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option(
+    "--max-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest prompt in tokens; longer ones are dropped as truncated.",
+)
+@click.option("--min-words", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-words", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--near-dup",
+    default=0.7,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Estimated Jaccard similarity (character 5-grams) from which a prompt counts as a near-duplicate.",
+)
+@click.option(
+    "--max-attempts",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Give up after this many generated prompts [default: 20 n + 100].",
+)
+@click.option("--respond", is_flag=True, help="Also write the target's replies (as spec regenerate would).")
+@click.option(
+    "--reply-temperature",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="With --respond [default: the target's generation config, greedy when it sets none].",
+)
+@click.option(
+    "--reply-max-tokens", default=None, type=click.IntRange(min=1), help="With --respond [default: 1024]."
+)
+@click.option(
+    "--max-model-len",
+    default=None,
+    type=click.IntRange(min=16),
+    help="Engine context [default: 4096, or the target's own if shorter].",
+)
+@click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A Jinja chat template file to use instead of the target's own.",
+)
+@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def synth(
+    target,
+    n,
+    out,
+    seed,
+    topics,
+    temperature,
+    top_p,
+    max_tokens,
+    min_words,
+    max_words,
+    near_dup,
+    max_attempts,
+    respond,
+    reply_temperature,
+    reply_max_tokens,
+    max_model_len,
+    chat_template,
+    engine_kwargs,
+    progress,
+) -> None:
+    """Write N user prompts synthesised by TARGET itself (Magpie), deduplicated and filtered.
+
+    The target is given only its chat template's user-turn prefix and writes the user's message. Rows
+    are {"messages": [{"role": "user", ...}]}; give them to `spec regenerate` for replies, or pass
+    --respond. A diversity report (distinct n-grams, length histogram) follows the summary.
+    """
+    from pathlib import Path
+
+    from spec_datagen.conversations import write_rows
+    from spec_datagen.regenerate import Regenerator, RegenStats, RegenSummary, default_sampling
+    from spec_datagen.runtime import make_llm, shutdown_llm
+    from spec_datagen.synth import (
+        TOPIC_SYSTEM,
+        SynthOptions,
+        SynthStats,
+        read_topics,
+        report_lines,
+        synthesize_with_progress,
+        user_turn_prefix,
+    )
+    from spec_datagen.template import ChatRenderer
+
+    if Path(out).exists():
+        raise click.UsageError(f"{out} already exists; remove it or pass another --out")
+    template_text = Path(chat_template).read_text() if chat_template else None
+    renderer = ChatRenderer.for_model(target, template_text)
+    topic_list = read_topics(topics) if topics else None
+    # A template that cannot seed topics, or none at all, is refused before the engine starts (a minute).
+    user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topic_list[0]) if topic_list else None)
+    options = SynthOptions(
+        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        min_words=min_words,
+        max_words=max_words,
+        near_dup=near_dup,
+        max_attempts=max_attempts,
+    )
+    llm = make_llm(
+        target,
+        max_model_len=max_model_len or _default_context(target),
+        **_parse_json(engine_kwargs, "--engine-kwargs"),
+    )
+    try:
+        stats = SynthStats()
+        convs = synthesize_with_progress(
+            llm, renderer, n, options=options, topics=topic_list, stats=stats, progress=progress
+        )
+        prompts = list(convs)
+        reply_lines: list[str] = []
+        if respond and convs:
+            import time
+
+            regen = Regenerator(
+                target,
+                llm=llm,
+                chat_template=template_text,
+                sampling=default_sampling(
+                    target, temperature=reply_temperature, max_tokens=reply_max_tokens, seed=seed
+                ),
+            )
+            rstats = RegenStats()
+            t0 = time.perf_counter()
+            convs = list(regen.regenerate(convs, stats=rstats))
+            reply_lines = RegenSummary(
+                rstats, time.perf_counter() - t0, 0, regen.sampling.describe(), out
+            ).lines()
+    finally:
+        shutdown_llm(llm)
+    write_rows(out, convs)
+    for line in report_lines(stats, prompts) + reply_lines:
+        click.echo(line)
+    click.echo(f"written: {len(convs)} rows to {out}")
+    if len(convs) < n:
+        raise click.ClickException(
+            f"only {len(convs)} of {n} prompts passed the filters in {stats.attempts} attempts (see 'rejected' above); "
+            "raise --max-attempts or --temperature, or loosen --near-dup/--min-words"
+        )

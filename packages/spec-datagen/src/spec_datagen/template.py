@@ -31,6 +31,10 @@ from spec_datagen.conversations import BadRow, Conversation, message_dicts
 from spec_format.errors import SpecError
 
 REWRITE_POLICIES = ("unmask", "error")
+NO_TEMPLATE = (
+    "the target's tokenizer has no chat template: give prompt/completion rows (rendered as raw text) or pass "
+    "a template with --chat-template FILE"
+)
 
 
 class TokenizedSample(msgspec.Struct):
@@ -116,10 +120,7 @@ class ChatRenderer:
             ids, mask, unsupervised = self._raw(conv)
         else:
             if not self.has_template:
-                raise SpecError(
-                    "the target's tokenizer has no chat template: give prompt/completion rows (rendered as raw "
-                    "text) or pass a template with --chat-template FILE"
-                )
+                raise SpecError(NO_TEMPLATE)
             ids, mask, unsupervised = self._chat(conv)
         return TokenizedSample(
             source_index=source_index,
@@ -128,6 +129,22 @@ class ChatRenderer:
             source=conv.source,
             unsupervised_turns=unsupervised,
         )
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        """The token ids that prompt the target for the next assistant turn after all of conv.messages: the
+        template with its generation prompt (as vLLM's chat renders it), or, for a base model, the special
+        prefix + the prompt text. Raises BadRow when the template fails."""
+        if conv.raw_text and not self.has_template:
+            prompt = conv.messages[0].content or ""
+            return self.raw_prefix + self.tok(prompt, add_special_tokens=False)["input_ids"]
+        if not self.has_template:
+            raise SpecError(NO_TEMPLATE)
+        text = self._render(conv, len(conv.messages), True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def render(self, conv: Conversation, upto: int | None = None, generation_prompt: bool = False) -> str:
+        """The template's text for conv.messages[:upto] (all by default). Raises BadRow when it fails."""
+        return self._render(conv, len(conv.messages) if upto is None else upto, generation_prompt)
 
     def _render(self, conv: Conversation, upto: int, generation_prompt: bool) -> str:
         try:
