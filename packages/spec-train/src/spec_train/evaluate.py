@@ -156,3 +156,27 @@ def evaluate(
         draft=draft, baseline=baseline, ngram=ngram_result, outputs_identical=identical, num_prompts=len(prompts),
         k=k, max_tokens=max_tokens, temperature=temperature, verifier=str(verifier), draft_dir=str(draft_dir),
     )  # fmt: skip
+
+
+def plot_acceptance(per_position: dict[str, list[float]], path: str | Path, title: str) -> None:
+    """Bar chart of per-position acceptance rates, one group of bars per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [n for n, v in per_position.items() if v]
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        rates = per_position[name]
+        xs = [p + 1 + (i - (len(names) - 1) / 2) * width for p in range(len(rates))]
+        ax.bar(xs, rates, width=width, label=name)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("accepted / drafts")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,153 @@
+"""`spec` subcommands contributed by spec-train."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _concurrency(value: str) -> list[int]:
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected comma-separated integers such as 1,8") from None
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"'{value}': concurrency levels must be positive integers")
+    return levels
+
+
+@click.command("eval")
+@click.argument("draft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "sources",
+    multiple=True,
+    required=True,
+    help="Prompt file(s) in any datagen layout, or a built-in set: chat, humaneval. Repeatable.",
+)
+@click.option(
+    "--verifier",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Target model directory (default: the verifier recorded in the draft).",
+)
+@click.option(
+    "-k",
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Draft tokens per step (default: the draft's).",
+)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+@click.option(
+    "--concurrency", default="1", show_default=True, help="Comma-separated concurrency levels, e.g. 1,8."
+)
+@click.option(
+    "--num-prompts", type=click.IntRange(min=1), default=None, help="At most this many prompts per source."
+)
+@click.option("--no-ngram", is_flag=True, help="Skip the n-gram baseline.")
+@click.option(
+    "--offline", is_flag=True, help="Estimate acceptance without vLLM (target in transformers, greedy)."
+)
+@click.option(
+    "--report",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write eval.json and acceptance.png here.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout (logs go to stderr)."
+)
+def eval_cmd(
+    draft_dir,
+    sources,
+    verifier,
+    k,
+    max_tokens,
+    temperature,
+    concurrency,
+    num_prompts,
+    no_ngram,
+    offline,
+    report,
+    as_json,
+):
+    """Measure DRAFT_DIR in vLLM: acceptance length per position and speed-up over no speculation and n-gram."""
+    import msgspec
+
+    from spec_format.checkpoint import read_config
+    from spec_train.eval_prompts import load_prompt_ids
+    from spec_train.evaluate import evaluate, plot_acceptance
+
+    levels = _concurrency(concurrency)
+    cfg, _ = read_config(draft_dir)
+    verifier = verifier or cfg.verifier_name
+    if not Path(verifier).is_dir():
+        raise click.UsageError(
+            f"the draft's verifier '{verifier}' is not a local directory: pass --verifier DIR"
+        )
+    k = k or cfg.speculative_tokens
+    prompts = load_prompt_ids(list(sources), verifier, limit=num_prompts)
+    if offline:
+        from spec_train.simulate import simulate_draft
+
+        run = simulate_draft(draft_dir, verifier, prompts, k, max_tokens)
+        result = {
+            "offline": True, "num_prompts": len(prompts), "k": k, "max_tokens": max_tokens,
+            "generated_tokens": run.generated_tokens,
+            "draft": {"mean_acceptance_length": run.mean_acceptance_length,
+                      "acceptance_per_position": run.counters.acceptance_per_position,
+                      "counters": msgspec.to_builtins(run.counters)},
+        }  # fmt: skip
+        per_position = {"draft (offline)": run.counters.acceptance_per_position}
+    else:
+        result = msgspec.to_builtins(
+            evaluate(
+                draft_dir,
+                verifier,
+                prompts,
+                k=k,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                concurrencies=levels,
+                ngram=not no_ngram,
+            )  # fmt: skip
+        )
+        per_position = {"draft": result["draft"]["acceptance_per_position"]}
+        if result.get("ngram"):
+            per_position["ngram"] = result["ngram"]["acceptance_per_position"]
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_acceptance(per_position, report / "acceptance.png", f"{Path(draft_dir).name}, k={k}")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        _print_summary(result)
+    if result.get("outputs_identical") is False:
+        print("warning: outputs with the draft differ from outputs without it (greedy)", file=sys.stderr)
+
+
+def _print_summary(result: dict) -> None:
+    draft = result["draft"]
+    click.echo(f"mean acceptance length (k={result['k']}): {draft['mean_acceptance_length']:.3f}")
+    click.echo("acceptance per position: " + ", ".join(f"{a:.3f}" for a in draft["acceptance_per_position"]))
+    if result.get("offline"):
+        return
+    if result.get("ngram"):
+        click.echo(f"n-gram mean acceptance length: {result['ngram']['mean_acceptance_length']:.3f}")
+    for name in ("baseline", "draft", "ngram"):
+        entry = result.get(name)
+        if entry:
+            for run in entry["runs"]:
+                speed = entry.get("speedup", {}).get(str(run["concurrency"]))
+                extra = f"  ({speed:.2f}x)" if speed else ""
+                click.echo(
+                    f"{name:>9} @ concurrency {run['concurrency']}: {run['tokens_per_second']:.1f} tok/s{extra}"
+                )
+    click.echo(f"outputs identical with and without the draft: {result['outputs_identical']}")
