@@ -3,6 +3,7 @@ spec-format's validator before it appears), or export one to the SafeAILab/SGLan
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from spec_convert import eagle3, modelopt, specforge, speculators
@@ -94,6 +95,15 @@ def export_to_eagle3(
     """Export a spec-format checkpoint; returns the notes for the user."""
     out = Path(out)
     check_out(out, force)
+    try:
+        raw = json.loads((Path(src_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}  # validate_checkpoint below names the problem
+    if isinstance(raw, dict) and raw and "speculators_config" not in raw:
+        raise SpecError(
+            f"{src_dir}: not a spec-format checkpoint (its config.json has no speculators_config); convert it "
+            "first with spec convert SRC --verifier DIR --out DIR, then export that directory"
+        )
     report = validate_checkpoint(src_dir, verifier)
     if not report.ok:
         raise ConversionError(report.errors)
