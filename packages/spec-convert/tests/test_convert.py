@@ -67,6 +67,10 @@ def test_each_layout_converts_to_a_valid_checkpoint(tmp_path, verifier, source_w
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
     report = validate_checkpoint(out, verifier)
     assert report.ok and not report.warnings, report
+    check = subprocess.run(
+        [spec_cli, "validate", str(out), "--verifier", str(verifier)], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "valid checkpoint" in check.stdout, check.stderr
 
     cfg, tensors = read_checkpoint(out)
     source = read_source(src)
