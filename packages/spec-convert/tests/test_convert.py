@@ -124,6 +124,24 @@ def test_conventions_each_source_records(tmp_path, verifier, source_writers):
     assert "--layers" in converted.config.spec.provenance["layer_ids"]["from"]
 
 
+def test_midlayer_safetensors_convert_with_either_project_conventions(tmp_path, verifier, source_writers):
+    """SafeAILab's inference code also loads a model.safetensors; --from eagle3 reads it with the EAGLE
+    code's conventions and gives what auto-detection (SpecForge) gives when no SpecForge field is set."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = source_writers["eagle3"](tmp_path / "ea", verifier, rope_buffers=False)
+    save_file(torch.load(src / "pytorch_model.bin", weights_only=True), src / "model.safetensors")
+    (src / "pytorch_model.bin").unlink()
+    a, fmt_a, _ = convert_to_spec(src, tmp_path / "a", verifier, fmt="eagle3")
+    b, fmt_b, _ = convert_to_spec(src, tmp_path / "b", verifier)
+    assert (fmt_a, fmt_b) == ("eagle3", "specforge")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+    assert a.config.eagle_aux_hidden_state_layer_ids == b.config.eagle_aux_hidden_state_layer_ids == [2, 4, 5]
+
+
 def test_modelopt_frequency_ordered_d2t_is_kept_and_t2d_derived(tmp_path, verifier, source_writers):
     src = source_writers["modelopt"](tmp_path / "mo", verifier, num_layers=2)
     convert_to_spec(src, tmp_path / "out", verifier)

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from spec_format.errors import SpecError
-from spec_format.tensors import load_tensors, read_header
+from spec_format.tensors import load_tensors, tensor_dtypes
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -27,7 +27,6 @@ class Source(msgspec.Struct):
     tensors: dict[str, np.ndarray]  # BF16 widened to float32 (exact)
     dtypes: dict[str, str]  # safetensors dtype names as stored in the source (F16, BF16, I64, BOOL, ...)
     files: dict[str, str]  # weight file name -> sha256
-    metadata: dict[str, str] = {}  # safetensors __metadata__ of the (first) weight file
 
 
 def _sha256(path: Path) -> str:
@@ -98,14 +97,11 @@ def read_source(src: str | Path) -> Source:
         raise SpecError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
-    metadata: dict[str, str] = {}
     files = weight_files(src)
     for path in files:
         if path.suffix == ".safetensors":
-            header, meta, _ = read_header(path)
             part = load_tensors(path)
-            part_dtypes = {name: info["dtype"] for name, info in header.items()}
-            metadata = metadata or meta
+            part_dtypes = tensor_dtypes(path)
         else:
             from spec_convert.torch_io import load_torch_state_dict
 
@@ -121,7 +117,6 @@ def read_source(src: str | Path) -> Source:
         tensors=tensors,
         dtypes=dtypes,
         files={p.name: _sha256(p) for p in files},
-        metadata=metadata,
     )
 
 
