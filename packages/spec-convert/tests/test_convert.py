@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spec_convert.build import LLAMA_DEFAULTS, QWEN3_DEFAULTS, Options
+from spec_convert.build import Options
 from spec_convert.convert import convert_to_spec
+from spec_convert.layer_config import LLAMA_DEFAULTS, QWEN3_DEFAULTS
 from spec_convert.source import read_source
 from spec_convert.strict import ConversionError
 from spec_format.checkpoint import read_checkpoint

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from spec_convert import eagle3, modelopt, specforge, speculators
-from spec_convert.build import Converted, Options, read_target
+from spec_convert.build import Converted, Options
 from spec_convert.output import check_out, staged_dir
 from spec_convert.source import Source, is_torch_source, read_source
 from spec_convert.strict import ConversionError
+from spec_convert.target import read_target
 from spec_convert.to_eagle3 import eagle3_layout, write_eagle3
 from spec_format.checkpoint import read_checkpoint, write_checkpoint
 from spec_format.errors import SpecError

@@ -19,19 +19,12 @@ What the EAGLE code does, read at commit cb7e084 (the layout this module convert
 
 from __future__ import annotations
 
-from spec_convert.build import (
-    Draft,
-    Options,
-    Target,
-    check_dims,
-    fc_inputs,
-    finish,
-    layer_config,
-    resolve_layer_ids,
-    speculative_tokens,
-)
+from spec_convert.build import Draft, Options, finish, speculative_tokens
+from spec_convert.layer_config import check_dims, layer_config
+from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
+from spec_convert.target import Target
 
 NAME = "eagle3"
 PROJECT = "SafeAILab/EAGLE (EAGLE-3)"

@@ -21,20 +21,13 @@ What the SpecForge code does, read at commit a6b6b023:
 
 from __future__ import annotations
 
-from spec_convert.build import (
-    Draft,
-    Options,
-    Target,
-    check_dims,
-    fc_inputs,
-    finish,
-    layer_config,
-    resolve_layer_ids,
-    speculative_tokens,
-)
+from spec_convert.build import Draft, Options, finish, speculative_tokens
 from spec_convert.eagle3 import rename, source_name
+from spec_convert.layer_config import check_dims, layer_config
+from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
+from spec_convert.target import Target
 
 NAME = "specforge"
 PROJECT = "sgl-project/SpecForge (SGLang EAGLE-3 layout)"

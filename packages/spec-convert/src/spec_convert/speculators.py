@@ -19,19 +19,12 @@ fingerprint and provenance.
 
 from __future__ import annotations
 
-from spec_convert.build import (
-    Draft,
-    Options,
-    Target,
-    check_dims,
-    fc_inputs,
-    finish,
-    layer_config,
-    resolve_layer_ids,
-    speculative_tokens,
-)
+from spec_convert.build import Draft, Options, finish, speculative_tokens
+from spec_convert.layer_config import check_dims, layer_config
+from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import ConversionError, map_tensors
+from spec_convert.target import Target
 
 NAME = "speculators"
 PROJECT = "vllm-project/speculators"
