@@ -213,14 +213,15 @@ def write_modelopt(out: Path, verifier_dir: Path, *, draft_vocab=128, seed=0, nu
 
 def write_speculators_old(
     out: Path, verifier_dir: Path, *, draft_vocab=128, seed=0, verifier_name="meta-llama/Llama-3.1-8B-Instruct",
-    verifier_copies=False,
+    verifier_copies=False, qwen3_without_model_type=False,
 ) -> Path:  # fmt: skip
     """A speculators EAGLE-3 directory from before 2025-10, learned from vllm-project/speculators history
     (5d4ff90b src/speculators/models/eagle3.py: config fields and module names; 8af566f5 added
     eagle_aux_hidden_state_layer_ids): pydantic dump of Eagle3SpeculatorConfig, transformer_layer_config
     as LlamaConfig.to_diff_dict() (transformers 4.x: default-valued keys missing), bf16 weights with
     embed_tokens, d2t, t2d. verifier_copies adds the verifier_lm_head/verifier_norm that later trainers keep
-    out with _keys_to_ignore_on_save."""
+    out with _keys_to_ignore_on_save. qwen3_without_model_type: a Qwen3-layer draft whose diff dict lost
+    model_type (speculators after #620 default to Qwen3Config)."""
     v = _verifier(verifier_dir)
     out.mkdir(parents=True, exist_ok=True)
     lc = {
@@ -251,6 +252,14 @@ def write_speculators_old(
         "embed_tokens.weight": rng.standard_normal((v["vocab_size"], v["hidden_size"])).astype(np.float32)
         * 0.05,
     }
+    if qwen3_without_model_type:
+        del lc["model_type"]
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        hd = v["head_dim"]
+        t |= {
+            "layers.0.self_attn.q_norm.weight": np.ones(hd, np.float32),
+            "layers.0.self_attn.k_norm.weight": np.ones(hd, np.float32),
+        }
     if verifier_copies:
         t |= {"verifier_lm_head.weight": np.zeros((v["vocab_size"], v["hidden_size"]), np.float32),
               "verifier_norm.weight": np.ones(v["hidden_size"], np.float32)}  # fmt: skip

@@ -188,6 +188,17 @@ def test_speculators_upgrade_writes_what_vllm_read(tmp_path, verifier, source_wr
     assert c.spec.provenance["source"]["speculators_version"] == "0.1.0.dev14"
 
 
+def test_speculators_layer_type_follows_the_weights_when_the_config_lost_it(
+    tmp_path, verifier, source_writers
+):
+    src = source_writers["speculators"](tmp_path / "sp", verifier, qwen3_without_model_type=True)
+    converted, _, _ = convert_to_spec(src, tmp_path / "out", verifier)
+    lc = converted.config.transformer_layer_config
+    assert lc["model_type"] == "qwen3" and lc["architectures"] == ["Qwen3ForCausalLM"]
+    assert "layers.0.self_attn.q_norm.weight" in converted.tensors
+    assert any("no model_type" in n for n in converted.notes)
+
+
 def test_speculators_other_algorithms_are_refused(tmp_path, verifier, source_writers):
     src = source_writers["speculators"](tmp_path / "sp", verifier)
     cfg = json.loads((src / "config.json").read_text())
