@@ -34,6 +34,7 @@ WHAT = "a SafeAILab EAGLE-3 draft"
 EAGLE_KEYS = {"draft_vocab_size", "target_hidden_size", "num_hidden_layers", "model_type", "bias"}
 # Fields only other EAGLE-3 code bases read: their presence means the draft did not come from this one.
 FOREIGN_KEYS = ("eagle_config", "fc_norm", "norm_output", "norm_before_residual", "norm_before_fc")
+SPECFORGE_KEYS = ("eagle_config", "fc_norm", "norm_output")
 
 DROPS = [
     (
@@ -60,8 +61,12 @@ def default_layers(num_layers: int) -> list[int]:
 def convert(src: Source, target: Target, options: Options):
     cfg = src.config
     problems = [
-        f"config.json: field '{key}' is read by SpecForge/SGLang, not by the SafeAILab EAGLE code; "
-        "convert with --from specforge"
+        f"config.json: field '{key}' is not read by the SafeAILab EAGLE code; "
+        + (
+            "SpecForge writes it: convert with --from specforge"
+            if key in SPECFORGE_KEYS
+            else "another code base wrote it"
+        )
         for key in FOREIGN_KEYS
         if key in cfg
     ]
@@ -85,8 +90,6 @@ def convert(src: Source, target: Target, options: Options):
         recorded=None,
         shift=0,
         default=default_layers(target.num_layers),
-        field="",
-        convention="",
         default_rule=(
             "the EAGLE-3 code captures the hidden states entering decoder layers 2, L//2, L-3 "
             "(eagle/model/modeling_llama_kv.py), which are vLLM capture ids 2, L//2, L-3"

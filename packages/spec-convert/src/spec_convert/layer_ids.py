@@ -18,11 +18,11 @@ def resolve_layer_ids(
     recorded: list[int] | None,
     shift: int,
     default: list[int],
-    field: str,
-    convention: str,
     default_rule: str,
     target: Target,
     n_inputs: int,
+    field: str = "",
+    convention: str = "",
 ) -> tuple[list[int], dict, list[str]]:
     """(ids in vLLM's convention, provenance, problems).
 
