@@ -42,6 +42,12 @@ def _verifier(verifier_dir: Path) -> dict:
     return json.loads((Path(verifier_dir) / "config.json").read_text())
 
 
+def _random(v: dict, draft_vocab: int, seed: int, **options) -> dict[str, np.ndarray]:
+    """Random weights and a sorted d2t/t2d pair, in the format's names."""
+    d2t, t2d = vocab_mapping(v["vocab_size"], draft_vocab, seed)
+    return draft_weights(v, draft_vocab, seed=seed, **options) | {"d2t": d2t, "t2d": t2d}
+
+
 def draft_weights(
     v: dict, draft_vocab: int, *, num_layers=1, seed=0, fc_norm=False, n_aux=3, scale=0.05
 ) -> dict[str, np.ndarray]:
@@ -98,11 +104,14 @@ def _midlayer(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def write_safailab(out: Path, verifier_dir: Path, *, draft_vocab=128, seed=0, rope_buffers=True) -> Path:
+def write_safailab(
+    out: Path, verifier_dir: Path, *, draft_vocab=128, seed=0, rope_buffers=True, weights=None
+) -> Path:
     """SafeAILab EAGLE-3, learned from SafeAILab/EAGLE@cb7e084: eagle/traineagle3/config.json (the keys of a
     hand-written draft config), cnets.py (module names, d2t = used - arange, t2d bool) and main.py
     (DeepSpeed save_16bit_model(exclude_frozen_parameters=True) -> pytorch_model.bin in fp16 with the
-    persistent buffers, here the target model's RoPE inv_freq of modeling_llama_kv.LlamaRotaryEmbedding)."""
+    persistent buffers, here the target model's RoPE inv_freq of modeling_llama_kv.LlamaRotaryEmbedding).
+    `weights` (the format's names, with d2t/t2d) replaces the random ones; so in the writers below."""
     import torch
 
     v = _verifier(verifier_dir)
@@ -117,10 +126,11 @@ def write_safailab(out: Path, verifier_dir: Path, *, draft_vocab=128, seed=0, ro
         "vocab_size": v["vocab_size"], "draft_vocab_size": draft_vocab,
     }  # fmt: skip
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    t = _midlayer(draft_weights(v, draft_vocab, seed=seed))
-    d2t, t2d = vocab_mapping(v["vocab_size"], draft_vocab, seed)
-    state = {k: torch.from_numpy(a).to(torch.float16) for k, a in t.items()}
-    state |= {"d2t": torch.from_numpy(d2t), "t2d": torch.from_numpy(t2d)}
+    t = _midlayer(weights or _random(v, draft_vocab, seed))
+    state = {
+        k: torch.from_numpy(a).to(torch.float16) if a.dtype.kind == "f" else torch.from_numpy(a)
+        for k, a in t.items()
+    }
     if rope_buffers:
         hd = v["hidden_size"] // v["num_attention_heads"]
         inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
@@ -139,6 +149,7 @@ def write_specforge(
     fc_norm=False,
     capture_layers: list[int] | None = None,
     embed=False,
+    weights=None,
 ) -> Path:
     """SpecForge's `export --to sglang` (or --to hf with embed=True), learned from sgl-project/SpecForge@
     a6b6b023: specforge/export/to_sglang.py (save_pretrained, embed dropped), modeling/draft/llama3_eagle.py
@@ -164,9 +175,7 @@ def write_specforge(
     if fc_norm:
         cfg |= {"fc_norm": True, "norm_output": True}
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    t = _midlayer(draft_weights(v, draft_vocab, seed=seed, fc_norm=fc_norm))
-    d2t, t2d = vocab_mapping(v["vocab_size"], draft_vocab, seed)
-    t |= {"d2t": d2t, "t2d": t2d}
+    t = _midlayer(weights or _random(v, draft_vocab, seed, fc_norm=fc_norm))
     if embed:
         rng = np.random.default_rng(seed + 2)
         t["embed_tokens.weight"] = (rng.standard_normal((v["vocab_size"], v["hidden_size"])) * 0.05).astype(
@@ -290,3 +299,10 @@ def source_writers():
 def fake_verifier():
     """fake_verifier(root, **dims) -> a verifier directory with config.json only."""
     return make_verifier
+
+
+@pytest.fixture(scope="session")
+def random_draft_tensors():
+    """random_draft_tensors(verifier_config, draft_vocab, **options) -> float32 EAGLE-3 weights in the
+    format's names (no d2t/t2d), for tests that craft some of them."""
+    return draft_weights
