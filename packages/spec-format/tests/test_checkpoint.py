@@ -318,3 +318,33 @@ def test_read_config_reports_the_field(tmp_path):
     _mutate_config(ckpt, lambda r: r["speculators_config"].pop("verifier"))
     with pytest.raises(SpecError, match="speculators_config"):
         read_config(ckpt)
+
+
+def test_full_vocabulary_draft_must_not_carry_d2t(tmp_path):
+    ckpt = make_checkpoint(tmp_path, draft_vocab=VOCAB)  # written with an all-zero d2t
+    report = validate_checkpoint(ckpt)
+    assert any("tensor 'd2t' must be absent" in e for e in report.errors), report.errors
+    _mutate_tensors(ckpt, lambda t: t.pop("d2t"))
+    assert validate_checkpoint(ckpt).ok
+
+
+def test_layer_config_keys_left_at_transformers_defaults(tmp_path):
+    """Configs saved by transformers 4.x omit keys equal to the defaults; vLLM applies those defaults."""
+    ckpt = make_checkpoint(tmp_path)
+    _mutate_config(ckpt, lambda r: r["transformer_layer_config"].update(intermediate_size=11008))
+    _mutate_tensors(ckpt, lambda t: t.update({
+        "layers.0.mlp.gate_proj.weight": np.zeros((11008, 64), np.float32),
+        "layers.0.mlp.up_proj.weight": np.zeros((11008, 64), np.float32),
+        "layers.0.mlp.down_proj.weight": np.zeros((64, 11008), np.float32),
+    }))  # fmt: skip
+    _mutate_config(ckpt, lambda r: r["transformer_layer_config"].pop("intermediate_size"))
+    report = validate_checkpoint(ckpt)
+    assert report.ok, report.errors  # 11008 is LlamaConfig's default
+
+
+def test_target_hidden_size_other_than_the_drafts_needs_own_embeddings(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    _mutate_config(ckpt, lambda r: r.update(target_hidden_size=96))
+    _mutate_tensors(ckpt, lambda t: t.update({"fc.weight": np.zeros((64, 3 * 96), np.float32)}))
+    report = validate_checkpoint(ckpt)
+    assert any("missing tensor 'embed_tokens.weight'" in e for e in report.errors), report.errors

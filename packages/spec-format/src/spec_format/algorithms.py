@@ -29,6 +29,8 @@ class Layout(msgspec.Struct):
     optional: dict[str, Shape] = {}
     # Tensors with a fixed dtype; every other tensor must be floating point.
     dtypes: dict[str, str] = {}
+    # Tensors the algorithm knows but this config must not have: name -> why.
+    forbidden: dict[str, str] = {}
 
 
 # fn(config, source) -> Layout; `source` names config.json in error messages.
@@ -66,8 +68,20 @@ class LayerDims(msgspec.Struct, frozen=True):
     attention_bias: bool
 
 
+# transformers' defaults for keys a saved config may leave out (configs saved by transformers 4.x keep only
+# the keys that differ from them); vLLM builds the draft's config class from the dict, so these apply.
+_HF_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
+    "qwen3": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+    },
+}  # fmt: skip
+
+
 def layer_dims(cfg: SpeculatorConfig, source: str = "config.json") -> LayerDims:
-    lc = cfg.transformer_layer_config
+    model_type = str(cfg.transformer_layer_config.get("model_type", "llama"))
+    lc = {**_HF_DEFAULTS.get(model_type, {}), **cfg.transformer_layer_config}
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(lc.get(key), int) or lc[key] < 1:
             raise SpecError(
@@ -75,7 +89,7 @@ def layer_dims(cfg: SpeculatorConfig, source: str = "config.json") -> LayerDims:
             )
     heads = lc["num_attention_heads"]
     return LayerDims(
-        model_type=str(lc.get("model_type", "llama")),
+        model_type=model_type,
         hidden_size=lc["hidden_size"],
         num_layers=int(lc.get("num_hidden_layers", 1)),
         num_heads=heads,
@@ -124,21 +138,32 @@ def eagle3_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
             req[p + "self_attn.q_proj.bias"] = (d.num_heads * hd,)
             req[p + "self_attn.k_proj.bias"] = (d.num_kv_heads * hd,)
             req[p + "self_attn.v_proj.bias"] = (d.num_kv_heads * hd,)
+            if d.model_type == "llama":  # vLLM's Llama attention gives o_proj the same bias flag
+                req[p + "self_attn.o_proj.bias"] = (H,)
         if d.model_type == "qwen3":
             req[p + "self_attn.q_norm.weight"] = (hd,)
             req[p + "self_attn.k_norm.weight"] = (hd,)
         req[p + "mlp.gate_proj.weight"] = (d.intermediate_size, H)
         req[p + "mlp.up_proj.weight"] = (d.intermediate_size, H)
         req[p + "mlp.down_proj.weight"] = (H, d.intermediate_size)
-    # vLLM needs d2t exactly when the draft vocabulary is smaller; it never reads t2d, but converters do.
-    (req if draft_vocab != d.vocab_size else opt)["d2t"] = (draft_vocab,)
+    # vLLM needs d2t exactly when the draft vocabulary is smaller, and has no place for it otherwise; it
+    # never reads t2d, but converters do.
+    forbidden = {}
+    if draft_vocab != d.vocab_size:
+        req["d2t"] = (draft_vocab,)
+    else:
+        forbidden["d2t"] = (
+            "the draft vocabulary is the full vocabulary, and vLLM's loader then has no d2t parameter; remove it"
+        )
     opt["t2d"] = (d.vocab_size,)
+    if target_h != H:  # vLLM would share the target's embeddings, which are target_h wide
+        req["embed_tokens.weight"] = opt.pop("embed_tokens.weight")
     if cfg.norm_before_fc:
         req["input_norm.weight"] = (n_aux * target_h,)
     if cfg.fc_norm:
         for i in range(n_aux):
             req[f"fc_norm.{i}.weight"] = (target_h,)
-    return Layout(required=req, optional=opt, dtypes={"d2t": "I64", "t2d": "BOOL"})
+    return Layout(required=req, optional=opt, dtypes={"d2t": "I64", "t2d": "BOOL"}, forbidden=forbidden)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ def check_tensors(cfg: SpeculatorConfig, weights: Path, config_source: str) -> l
     for name in sorted(set(layout.required) - set(header)):
         errors.append(f"{weights}: missing tensor '{name}' (expected shape {_shape(layout.required[name])})")
     known = {**layout.optional, **layout.required}
-    for name in sorted(set(header) - set(known)):
+    for name in sorted(set(header) & set(layout.forbidden)):
+        errors.append(f"{weights}: tensor '{name}' must be absent: {layout.forbidden[name]}")
+    for name in sorted(set(header) - set(known) - set(layout.forbidden)):
         errors.append(
             f"{weights}: unknown tensor '{name}' {_shape(header[name]['shape'])} for algorithm '{cfg.algorithm}'"
         )
