@@ -6,7 +6,7 @@ Same prompts (chat conversations rendered with the target's template), one run, 
       dataset writer, bf16 shards), timed from the first request to the last committed shard;
   (c) transformers forward with output_hidden_states=True, one sample at a time (no padding), the same
       layers copied out to numpy (not written to disk).
-Engine start-up is excluded from (a) and (b). Prints tokens/s and the ratios b/a and b/c.
+Engine start-up and a warm-up on the first 4 samples are excluded from (a), (b) and (c). Prints tokens/s and the ratios b/a and b/c.
 
     uv run --no-sync python tools/bench_capture.py [--samples 48] [--max-len 1024] [--model DIR]
 """
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+WARMUP = 4  # samples run once before each timing (first-shape kernel setup is not throughput)
 
 
 def conversations(n: int, seed: int = 0) -> list[dict]:
@@ -75,6 +77,7 @@ def bench_vllm_prefill(model: Path, token_ids: list[np.ndarray], max_len: int) -
     try:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         prompts = [{"prompt_token_ids": ids.tolist()} for ids in token_ids]
+        llm.generate(prompts[:WARMUP], params, use_tqdm=False)
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - t0
@@ -86,6 +89,8 @@ def bench_capture(model: Path, rows: list[dict], max_len: int) -> tuple[float, i
     from spec_datagen.pipeline import Capturer, write_dataset
 
     with Capturer(model, max_len=max_len) as cap, tempfile.TemporaryDirectory() as out:
+        for _ in cap.samples(rows[:WARMUP], report=None):
+            pass
         summary = write_dataset(cap, rows, Path(out) / "ds", progress=False, report=None)
         return summary.seconds, summary.bytes_written
 
@@ -99,9 +104,11 @@ def bench_transformers(model: Path, token_ids: list[np.ndarray], layer_ids: list
     # hidden_states[k] for k < L; id L (before the final norm) is not returned by transformers: like the
     # peers that use this path, take hidden_states[L] (after the norm) in its place.
     picks = [min(k, n) for k in layer_ids]
-    t0 = time.perf_counter()
+    t0 = 0.0
     with torch.no_grad():
-        for ids in token_ids:
+        for i, ids in enumerate([*token_ids[:WARMUP], *token_ids]):
+            if i == WARMUP:
+                t0 = time.perf_counter()
             out = hf(torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
             np.stack([out.hidden_states[k][0].numpy() for k in picks], axis=1)
     return time.perf_counter() - t0
