@@ -151,3 +151,27 @@ def _print_summary(result: dict) -> None:
                     f"{name:>9} @ concurrency {run['concurrency']}: {run['tokens_per_second']:.1f} tok/s{extra}"
                 )
     click.echo(f"outputs identical with and without the draft: {result['outputs_identical']}")
+
+
+@click.command("quickstart")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("quickstart"),
+    show_default=True,
+    help="Working directory; the trained draft ends up in OUT/draft. Run again to reuse finished stages.",
+)
+@click.option(
+    "--minutes",
+    type=click.FloatRange(min=5),
+    default=20.0,
+    show_default=True,
+    help="Rough time budget on a 2-core CPU; more minutes = more data and training (e.g. 60).",
+)
+def quickstart(out: Path, minutes: float) -> None:
+    """The whole pipeline on the shipped SmolLM2-135M-Instruct: synthesise prompts and replies, capture,
+    train an EAGLE-3 draft, and measure it in vLLM."""
+    from spec_train.quickstart import explain, run
+
+    report = run(out, minutes)
+    click.echo(explain(report, out))
