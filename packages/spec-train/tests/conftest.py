@@ -88,7 +88,7 @@ def tiny_dataset(tiny_model, tmp_path_factory):
     return get
 
 
-def run_train(args: list[str], env: dict | None = None, timeout: int = 600, check: bool = True):
+def _run_train(args: list[str], env: dict | None = None, timeout: int = 600, check: bool = True):
     """`python -m spec_train ARGS` in a subprocess (as torchrun would start it)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "spec_train", *args], capture_output=True, text=True,
@@ -96,3 +96,21 @@ def run_train(args: list[str], env: dict | None = None, timeout: int = 600, chec
     if check and proc.returncode != 0:
         raise AssertionError(f"spec_train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def run_train():
+    """run_train(args, env=None, check=True) -> CompletedProcess of `python -m spec_train ARGS`."""
+    return _run_train
+
+
+@pytest.fixture(scope="session")
+def capture_dataset():
+    """capture_dataset(model_dir, rows, out, layer_ids=None, dtype="fp32", ...) -> dataset path."""
+    return write_dataset
+
+
+@pytest.fixture(scope="session")
+def make_rows():
+    """make_rows(n, seed=0, ...) -> [(token_ids, loss_mask), ...] with learnable structure."""
+    return random_rows

@@ -59,7 +59,8 @@ def pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> tuple[np.ndarra
             starts.append(i)
             used = 0
         used += n
-    starts.append(len(order))
+    if len(order):
+        starts.append(len(order))
     return np.asarray(starts, dtype=np.int64), kept
 
 
