@@ -93,8 +93,7 @@ def make_data(out: Path, n: int, max_tokens: int) -> None:
     with DatasetWriter(out, target=info, layer_ids=layers, hidden_size=info.hidden_size, dtype="bf16",
                        command=f"tools/bench_train.py make-data (n={n}, max_tokens={max_tokens})") as w:  # fmt: skip
         for i, (chat, reply) in enumerate(zip(chats, replies)):
-            prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            prompt = prompt["input_ids"] if isinstance(prompt, dict) else list(prompt)
+            prompt = list(tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
             ids = np.asarray(prompt + reply, dtype=np.int32)
             mask = np.arange(len(ids)) >= len(prompt)
             with torch.no_grad():

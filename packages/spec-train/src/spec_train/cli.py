@@ -37,7 +37,11 @@ def _floats(ctx, param, value):
 )
 @click.option("--ttt-steps", type=int, default=None, help="TTT depth, written as the draft's k (speculative_tokens). [default: 3]")  # fmt: skip
 @click.option("--draft-vocab-size", type=int, default=None, help="[default: min(32768, target vocabulary)]")
-@click.option("--norm-before-residual/--no-norm-before-residual", default=None, help="[default: off]")
+@click.option("--norm-before-residual/--no-norm-before-residual", default=None, help="EAGLE-3 variant: RMSNorm on the residual entering layer 0. [default: off]")  # fmt: skip
+@click.option("--norm-before-fc/--no-norm-before-fc", default=None, help="EAGLE-3 variant: RMSNorm over the concatenated aux states before fc. [default: off]")  # fmt: skip
+@click.option("--fc-norm/--no-fc-norm", default=None, help="EAGLE-3 variant: RMSNorm on each aux layer's state before fc. [default: off]")  # fmt: skip
+@click.option("--norm-output/--no-norm-output", default=None, help="EAGLE-3 variant: pass the normed state to the next step. [default: off]")  # fmt: skip
+@click.option("--train-lm-head/--no-train-lm-head", default=None, help="Train the draft's lm_head (else keep the verifier's rows). [default: on]")  # fmt: skip
 @click.option("--loss", type=click.Choice(["kl", "ce"]), default=None, help="Forward KL to the verifier, or CE on its top-1 token. [default: kl]")  # fmt: skip
 @click.option("--step-weights", callback=_floats, default=None, help="Loss weight per TTT step, comma-separated. [default: 0.8**j]")  # fmt: skip
 @click.option("--loss-chunk", type=int, default=None, help="Tokens per chunk of the vocabulary-sized loss. [default: 1024]")  # fmt: skip

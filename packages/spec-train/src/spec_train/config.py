@@ -35,7 +35,13 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     layer_type: Literal["llama", "qwen3"] | None = None  # default: from the verifier's family
     ttt_steps: int = 3  # TTT depth; also the checkpoint's speculative_tokens (vLLM's default k)
     draft_vocab_size: int | None = None  # default min(32768, target vocab)
+    # EAGLE-3 norm variants vLLM serves (docs/algorithms/eagle3.md): RMSNorm on the fc input (all aux states,
+    # or each layer's apart), on the residual stream entering layer 0, on the hidden state passed on.
     norm_before_residual: bool = False
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
+    train_lm_head: bool = True  # False: keep the verifier's lm_head rows frozen
 
     # --- objective
     loss: Literal["kl", "ce"] = "kl"  # forward KL to the verifier, or CE on the verifier's top-1 token

@@ -36,7 +36,8 @@ class _ChunkedLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=normed.device)
         stats = torch.zeros(3, S, dtype=torch.float32, device=normed.device)
         grad_normed = torch.zeros_like(normed, dtype=torch.float32) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        need_w = need_grad and ctx.needs_input_grad[1]  # False when the lm_head is frozen
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for p0 in range(0, T, chunk):
             p1 = min(p0 + chunk, T)
             # Slots t = p - 1 - j whose target position p falls in [p0, p1), for each step j.
@@ -82,7 +83,8 @@ class _ChunkedLoss(torch.autograd.Function):
                         g[torch.arange(len(t), device=g.device), top] -= 1
                     g = (g * scale[j]).to(dtype)
                     grad_normed[j, t] = (g @ w).float()
-                    grad_weight += (g.T @ x).float()
+                    if need_w:
+                        grad_weight += (g.T @ x).float()
         ctx.save_for_backward(grad_normed, grad_weight)
         ctx.dtypes = (normed.dtype, weight.dtype)
         ctx.mark_non_differentiable(stats)
@@ -91,8 +93,8 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_stats):
         grad_normed, grad_weight = ctx.saved_tensors
-        grads = ((grad_normed * g_loss).to(ctx.dtypes[0]), (grad_weight * g_loss).to(ctx.dtypes[1]))
-        return grads + (None,) * 8
+        gw = None if grad_weight is None else (grad_weight * g_loss).to(ctx.dtypes[1])
+        return ((grad_normed * g_loss).to(ctx.dtypes[0]), gw) + (None,) * 8
 
 
 def chunked_loss(

@@ -123,7 +123,8 @@ def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
     draft = init_eagle3_from_verifier(
         cfg.verifier, aux_layer_ids=aux_ids, vocab_mapping=mapping, num_layers=cfg.num_layers,
         layer_type=cfg.layer_type, speculative_tokens=cfg.ttt_steps,
-        norm_before_residual=cfg.norm_before_residual, name_or_path=cfg.verifier_name, seed=cfg.seed,
+        norm_before_residual=cfg.norm_before_residual, norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm,
+        norm_output=cfg.norm_output, name_or_path=cfg.verifier_name, seed=cfg.seed,
     )  # fmt: skip
     return draft, aux_idx, last_idx
 
@@ -254,6 +255,7 @@ def train(cfg: TrainConfig) -> Path:
             f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}")  # fmt: skip
 
     # --- model
+    draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
     head = VerifierHead(cfg.verifier, (torch.arange(len(draft.d2t)) + draft.d2t).numpy())
     objective = Objective(draft, head, cfg.ttt_steps, cfg.loss, cfg.loss_chunk, cfg.attn).to(d.device)
     head.to(dtype=dtype)
