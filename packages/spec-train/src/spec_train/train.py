@@ -1,0 +1,416 @@
+"""Train a draft from a captured dataset: the whole training loop, top to bottom.
+
+One process (CPU or one GPU):
+    spec train DATASET --verifier TARGET_DIR --out RUN --max-steps 200
+Several processes on one node (DDP; --fsdp for FSDP2), the same command under torchrun:
+    spec train ... --nproc 8          or          torchrun --nproc-per-node 8 -m spec_train DATASET ...
+Several nodes: torchrun --nnodes N --node-rank R --master-addr HOST ... -m spec_train ... (RUN on a
+filesystem every node sees).
+Continue an interrupted run (same settings; a run directory made with other settings is refused):
+    spec train ... --resume
+
+Sections: setup -> data -> model -> optimiser -> resume -> loop (train step, log, eval, checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+
+from spec_format.dataset import Dataset
+from spec_format.errors import SpecError
+from spec_format.fingerprint import fingerprint_model_dir
+from spec_format.vocab import build_vocab_mapping
+from spec_train import config as config_mod
+from spec_train import distributed, state
+from spec_train.config import TrainConfig
+from spec_train.data import (
+    RowLoader,
+    Rows,
+    Stream,
+    layer_indices,
+    split_samples,
+    step_rows,
+    supervised_slots,
+    train_batches,
+)  # fmt: skip
+from spec_train.loss import Objective
+from spec_train.metrics import MetricsLog, estimate, plot
+from spec_train.targets import VerifierHead
+
+DEFAULT_DRAFT_VOCAB = 32768
+
+
+def _say(d: distributed.Dist, msg: str) -> None:
+    if d.main:
+        print(f"[spec train] {msg}", file=sys.stderr, flush=True)
+
+
+def _kill_point(where: str, step: int) -> None:
+    """Tests only: SPEC_TRAIN_KILL_AT=<where>:<step> sends this process SIGKILL at that point."""
+    if os.environ.get("SPEC_TRAIN_KILL_AT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from lr down to lr * min_ratio at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: a new draft from the verifier, or an existing draft to fine-tune.
+
+
+def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
+    """(draft module, positions of its aux layers in the dataset, position of the last layer)."""
+    from spec_models import init_eagle3_from_verifier, load
+
+    vinfo = fingerprint_model_dir(cfg.verifier, name_or_path=cfg.verifier_name)
+    if cfg.init_from:
+        draft = load(cfg.init_from, verifier=cfg.verifier)
+        dcfg = draft.config
+        known = dcfg.spec.verifier if dcfg.spec else None
+        problems = known.mismatches(vinfo) if known else []
+        lc = dcfg.transformer_layer_config
+        if lc.get("vocab_size") != vinfo.vocab_size:
+            problems.append(f"vocab_size: {lc.get('vocab_size')} != {vinfo.vocab_size}")
+        if problems:
+            raise SpecError(f"{cfg.init_from}: this draft was made for another verifier than {cfg.verifier} "
+                            f"({'; '.join(problems)} [draft != verifier])")  # fmt: skip
+        if cfg.draft_vocab_size not in (None, dcfg.draft_vocab_size or vinfo.vocab_size):
+            raise SpecError(f"--draft-vocab-size {cfg.draft_vocab_size}: the draft in {cfg.init_from} has "
+                            f"{dcfg.draft_vocab_size}; a fine-tuned draft keeps its vocabulary")  # fmt: skip
+        aux_idx, last_idx = layer_indices(ds, dcfg.eagle_aux_hidden_state_layer_ids, cfg.verifier)
+        # The checkpoint serves k = ttt_steps and names the verifier trained against.
+        sc = dcfg.speculators_config
+        sc = msgspec.structs.replace(
+            sc,
+            proposal_methods=[
+                msgspec.structs.replace(sc.proposal_methods[0], speculative_tokens=cfg.ttt_steps)
+            ],
+            verifier=msgspec.structs.replace(sc.verifier, name_or_path=vinfo.name_or_path),
+        )
+        from spec_format.checkpoint import SpecMetadata
+
+        spec = msgspec.structs.replace(dcfg.spec or SpecMetadata(), verifier=vinfo)
+        draft.config = msgspec.structs.replace(dcfg, speculators_config=sc, spec=spec)
+        return draft, aux_idx, last_idx
+
+    aux_idx, last_idx = layer_indices(ds, None, cfg.verifier)
+    aux_ids = [ds.manifest.layer_ids[i] for i in aux_idx]
+    V = vinfo.vocab_size
+    size = cfg.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, V)
+    if size > V:
+        raise SpecError(f"--draft-vocab-size {size} is larger than the verifier's vocabulary ({V})")
+    mapping = None
+    if size < V:
+        mapping = build_vocab_mapping(ds.token_frequencies(V), size)
+        if mapping.num_unseen:
+            _say(d, f"warning: only {size - mapping.num_unseen} distinct supervised tokens in the data; the draft "
+                    f"vocabulary of {size} is filled with {mapping.num_unseen} unseen ids (lowest ids first)")  # fmt: skip
+    draft = init_eagle3_from_verifier(
+        cfg.verifier, aux_layer_ids=aux_ids, vocab_mapping=mapping, num_layers=cfg.num_layers,
+        layer_type=cfg.layer_type, speculative_tokens=cfg.ttt_steps,
+        norm_before_residual=cfg.norm_before_residual, norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm,
+        norm_output=cfg.norm_output, name_or_path=cfg.verifier_name, seed=cfg.seed,
+    )  # fmt: skip
+    return draft, aux_idx, last_idx
+
+
+def _with_provenance(draft, cfg: TrainConfig, step: int, ds: Dataset):
+    from spec_format.checkpoint import SpecMetadata
+
+    c = draft.config
+    prov = {"made_by": "spec train", "run": str(Path(cfg.out).resolve()), "step": step,
+            "dataset": str(Path(cfg.dataset).resolve()), "dataset_samples": len(ds)}  # fmt: skip
+    return msgspec.structs.replace(c, spec=msgspec.structs.replace(c.spec or SpecMetadata(), provenance=prov))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory.
+
+
+def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
+    """Check RUN against cfg; returns the checkpoint to resume from (None: start fresh)."""
+    run = Path(cfg.out)
+    saved = run / config_mod.CONFIG_FILE
+    if saved.exists():
+        if not cfg.resume:
+            raise SpecError(
+                f"{run}: already holds a training run; pass --resume to continue it, or choose another --out"
+            )
+        config_mod.check_same_run(config_mod.load(run), cfg, run)
+    elif run.exists() and any(run.iterdir()) and not cfg.resume:
+        raise SpecError(f"{run}: exists and is not empty; choose another --out")
+    distributed.barrier()
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        for p in state.clean_partial(run):
+            _say(d, f"removed {p.name}, left half-written by an interrupted run")
+        config_mod.save(cfg, run)
+    distributed.barrier()
+    found = state.checkpoints(run)
+    if cfg.resume and not found:
+        _say(d, f"--resume: no complete checkpoint in {run}; starting from step 0")
+    return found[-1] if cfg.resume and found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: teacher-forced loss / top-1 agreement on validation rows, simulated acceptance on
+# validation rows and on a fixed sample of training rows.
+
+
+@torch.no_grad()
+def evaluate(
+    model, rows: list, loader: RowLoader, cfg: TrainConfig, d, dtype, weights, with_loss: bool
+) -> dict:
+    S = cfg.ttt_steps
+    stats = torch.zeros(3, S, device=d.device)
+    accepted, reached = torch.zeros(S, device=d.device), torch.zeros(S, device=d.device)
+    model.eval()
+    # Every rank runs the same number of forwards (FSDP2 gathers weights collectively); a rank past the
+    # end re-reads row 0 and drops the result.
+    for i in range(d.rank, math.ceil(len(rows) / d.world) * d.world, d.world):
+        keep = i < len(rows)
+        batch = {k: v.to(d.device) for k, v in loader.load(rows[i if keep else 0]).items()}
+        if with_loss:
+            stats += model(batch, None, dtype)[1] * keep
+        a, r = model(batch, None, dtype, accept_k=S)
+        accepted += a * keep
+        reached += r * keep
+    distributed.all_reduce_sum(stats)
+    distributed.all_reduce_sum(accepted)
+    distributed.all_reduce_sum(reached)
+    model.train()
+    est = estimate(accepted.long().tolist(), reached.long().tolist())
+    out = {"acceptance": est.per_position, "acceptance_length": est.mean_acceptance_length, "chains": est.n}
+    if with_loss:
+        per = (stats[0] / stats[2].clamp(min=1)).tolist()
+        out.update(loss=sum(w * x for w, x in zip(weights, per)), loss_steps=per,
+                   acc_steps=(stats[1] / stats[2].clamp(min=1)).tolist())  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run.
+
+
+def train(cfg: TrainConfig) -> Path:
+    # --- setup
+    d = distributed.setup()
+    cfg = msgspec.structs.replace(
+        cfg,
+        world_size=d.world,
+        dataset=str(Path(cfg.dataset).resolve()),
+        verifier=str(Path(cfg.verifier).resolve()),
+    )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    )
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # --- data
+    ds = Dataset(cfg.dataset)
+    if len(ds) == 0:
+        raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
+    for k in range(len(ds.manifest.shards)):
+        ds.shard(k)  # structure of every shard checked now, not mid-epoch (contents: spec validate --deep)
+    draft, aux_idx, last_idx = build_draft(cfg, ds, d)
+    split = split_samples(len(ds), cfg.val_fraction, cfg.max_val_samples, cfg.seed)
+    if not len(split.val):
+        _say(d, f"{len(ds)} sample(s): too few to hold any out; training without validation "
+                "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
+    lengths = ds.lengths
+    stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
+    G = d.world * cfg.grad_accum
+    if cfg.max_steps:
+        total = cfg.max_steps
+    else:
+        total = max(1, stream.rows_for_epochs(cfg.epochs or 1.0) // G)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
+    save_every = cfg.save_every or max(1, math.ceil(total / 5))
+    eval_every = cfg.eval_every or save_every
+    val_rows = Rows(split.val, lengths, cfg.batch_tokens)
+    val_rows = [val_rows.row(i) for i in range(min(len(val_rows), cfg.max_eval_rows))]
+    first = stream.epoch(0)
+    train_eval_rows = [first.row(i) for i in range(min(len(first), max(1, len(val_rows)), cfg.max_eval_rows))]
+    loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed)
+    weights = config_mod.step_weights(cfg)
+    _say(d, f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
+            f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
+            f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}")  # fmt: skip
+
+    # --- model
+    draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
+    head = VerifierHead(cfg.verifier, (torch.arange(len(draft.d2t)) + draft.d2t).numpy())
+    objective = Objective(draft, head, cfg.ttt_steps, cfg.loss, cfg.loss_chunk, cfg.attn).to(d.device)
+    head.to(dtype=dtype)
+    model = distributed.wrap(objective, d, cfg.fsdp)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # --- optimiser: AdamW on the fp32 parameters (bf16 is autocast compute only); no decay on 1-D tensors
+    decay = [p for p in params if p.ndim >= 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=d.device.type == "cuda")
+
+    # --- resume
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    ckpt = prepare_run_dir(cfg, d)
+    start, tokens_done, elapsed0, best = 0, 0, 0.0, (None, None)
+    # What a checkpoint stores to resume: the state dict less frozen parameters (the verifier's embeddings).
+    frozen = {n for n, p in objective.named_parameters() if not p.requires_grad}
+    trained = set(objective.state_dict()) - frozen
+    if ckpt is not None:
+        w, osd, st, rng = state.load_checkpoint(ckpt)
+        if set(w) != trained:
+            raise SpecError(
+                f"{ckpt}: holds weights {sorted(set(w) ^ trained)[:3]}... that do not match this draft"
+            )
+        set_state_dict(model, opt, model_state_dict=w, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
+        state.set_rng_state(rng[d.rank])
+        start, tokens_done, elapsed0 = st.step, st.tokens, st.elapsed_s
+        best = (st.best_step, st.best_acceptance_length)
+        _say(d, f"resumed from {ckpt} (step {start} of {total})")
+        if d.main:
+            state.publish(
+                ckpt, Path(cfg.out) / state.FINAL
+            )  # repairs final/ if a kill interrupted its update
+    log = MetricsLog(Path(cfg.out), start if ckpt is not None else None, cfg.tensorboard) if d.main else None
+
+    def save(step: int, val_len: float | None) -> None:
+        nonlocal best
+        msd, osd = get_state_dict(
+            model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        rng = distributed.all_gather_objects(state.rng_state())
+        if d.main:
+            is_best = val_len is not None and (best[1] is None or val_len > best[1])
+            if is_best:
+                best = (step, val_len)
+            e, i = stream.locate(step * G)
+            st = state.TrainingState(
+                step=step, epoch=e, row_in_epoch=i, rows_consumed=step * G, tokens=tokens_done, world_size=d.world,
+                lr=opt.param_groups[0]["lr"], elapsed_s=elapsed0 + time.time() - t_start,
+                best_step=best[0], best_acceptance_length=best[1],
+            )  # fmt: skip
+            full = distributed.unwrap(model).draft
+            if cfg.fsdp and d.world > 1:  # a plain copy of the gathered weights to write the speculator files
+                full = type(full)(full.config)
+                full.load_state_dict({k[6:]: v for k, v in msd.items() if k.startswith("draft.")})
+            full.config = _with_provenance(full, cfg, step, ds)
+            path = state.save_checkpoint(
+                Path(cfg.out), full, {k: msd[k] for k in trained}, osd, st, rng, cfg.save_dtype,
+                kill_point=lambda where: _kill_point(where, step),
+            )  # fmt: skip
+            state.publish(path, Path(cfg.out) / state.FINAL)
+            if is_best:
+                state.publish(path, Path(cfg.out) / state.BEST)
+            state.prune(Path(cfg.out), cfg.keep_last)
+        distributed.barrier()
+
+    # --- loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr,
+               disable=not (d.main and cfg.progress), dynamic_ncols=True)  # fmt: skip
+    batches = train_batches(stream, loader, start, total, d.rank, d.world, cfg.grad_accum, cfg.num_workers)
+    t_start = time.time()
+    model.train()
+    for step in range(start, total):
+        t0 = time.time()
+        lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # Counted slots per TTT step over the whole global batch (all ranks' rows, from token data alone),
+        # so that every rank scales its loss the same and the gradient equals one big batch's.
+        counts = torch.zeros(cfg.ttt_steps)
+        for r in range(d.world):
+            for gr in step_rows(step, r, d.world, cfg.grad_accum):
+                mask, pos = loader.token_view(stream.row(gr))
+                counts += supervised_slots(mask, pos, cfg.ttt_steps).sum(-1)
+        scale = (torch.tensor(weights) / counts.clamp(min=1) * d.world).to(d.device)
+        stats = torch.zeros(3, cfg.ttt_steps, device=d.device)
+        step_tokens = 0
+        for m in range(cfg.grad_accum):
+            batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
+            step_tokens += batch["input_ids"].shape[0]
+            distributed.sync_gradients(model, m == cfg.grad_accum - 1)
+            loss, s = model(batch, scale, dtype)
+            loss.backward()
+            stats += s
+        _kill_point("step", step + 1)
+        distributed.all_reduce_sum(stats)
+        per = (stats[0] / stats[2].clamp(min=1)).tolist()
+        loss_value = sum(w * x for w, x in zip(weights, per))
+        if not math.isfinite(loss_value):
+            rows = [i for gr in step_rows(step, d.rank, d.world, cfg.grad_accum) for i, _ in stream.row(gr)]
+            files = sorted({ds.manifest.shards[ds.locate(i)[0]].file for i in rows})
+            raise SpecError(
+                f"non-finite loss at step {step + 1} (samples {rows[:8]} in {', '.join(files)}); the dataset may "
+                f"be corrupted: run `spec validate --deep {cfg.dataset}`. Checkpoints up to step {step} are intact."
+            )
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+        )
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        done = step + 1
+        tok = torch.tensor([step_tokens], device=d.device)
+        tokens_done += int(distributed.all_reduce_sum(tok).item())
+        dt = time.time() - t0
+        acc = (stats[1] / stats[2].clamp(min=1)).tolist()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc[0]:.2f}", tok_s=f"{int(tok.item() / dt)}")
+        if d.main and (done % cfg.log_every == 0 or done == total):
+            e, _ = stream.locate(step * G)
+            log.write({"split": "train", "step": done, "epoch": e, "lr": lr, "loss": loss_value, "loss_steps": per,
+                       "acc_steps": acc, "grad_norm": float(grad_norm), "tokens": tokens_done,
+                       "tokens_per_s": tok.item() / dt, "elapsed_s": elapsed0 + time.time() - t_start})  # fmt: skip
+        val_len = None
+        if done % eval_every == 0 or done % save_every == 0 or done == total:
+            if val_rows:
+                r = evaluate(model, val_rows, loader, cfg, d, dtype, weights, with_loss=True)
+                val_len = r["acceptance_length"]
+                if d.main:
+                    log.write({"split": "val", "step": done, **r})
+            r = evaluate(model, train_eval_rows, loader, cfg, d, dtype, weights, with_loss=False)
+            if d.main:
+                log.write({"split": "train_eval", "step": done, **r})
+                shown = val_len if val_len is not None else r["acceptance_length"]
+                bar.write(f"[spec train] step {done}: acceptance length {shown:.3f} "
+                          f"({'validation' if val_rows else 'training rows'})", file=sys.stderr)  # fmt: skip
+        if done % save_every == 0 or done == total:
+            save(done, val_len)
+    bar.close()
+    if d.main:
+        if log is not None:
+            log.close()
+        plot(Path(cfg.out))
+        _say(
+            d,
+            f"done: {Path(cfg.out) / state.FINAL}"
+            + (f", best {best[1]:.3f} at step {best[0]}" if best[0] else ""),
+        )
+    distributed.barrier()
+    distributed.teardown()
+    return Path(cfg.out) / state.FINAL

@@ -1,0 +1,116 @@
+"""Fixtures of spec-train's tests: datasets captured with transformers from real and tiny targets.
+
+Capture ids follow vLLM's convention (spec_format.fingerprint.LAYER_CONVENTION): id k < L is
+transformers' hidden_states[k]; id L is the last decoder layer's output before the final norm, taken
+with a forward hook (transformers' hidden_states[L] is after the norm).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def capture_hidden(model, ids: np.ndarray, layer_ids: list[int]) -> np.ndarray:
+    """float32 [T, len(layer_ids), H] for one sequence."""
+    import torch
+
+    L = model.config.num_hidden_layers
+    grabbed = {}
+
+    def hook(_module, _inputs, output):
+        grabbed["last"] = output[0] if isinstance(output, tuple) else output
+
+    handle = model.model.layers[-1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = model(torch.as_tensor(ids, dtype=torch.long)[None], output_hidden_states=True)
+    finally:
+        handle.remove()
+    states = [grabbed["last"][0] if k == L else out.hidden_states[k][0] for k in layer_ids]
+    return torch.stack(states, dim=1).float().numpy()
+
+
+def write_dataset(
+    model_dir, rows, out, layer_ids=None, dtype="fp32", samples_per_shard=256, compression=None
+):
+    """Capture `rows` [(token_ids, loss_mask), ...] from the target in model_dir into a dataset at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spec_format.dataset import DatasetWriter
+    from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir
+
+    info = fingerprint_model_dir(model_dir)
+    layer_ids = layer_ids or default_eagle3_layers(info.num_hidden_layers)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with DatasetWriter(out, target=info, layer_ids=layer_ids, hidden_size=info.hidden_size, dtype=dtype,
+                       compression=compression, samples_per_shard=samples_per_shard) as w:  # fmt: skip
+        for i, (ids, mask) in enumerate(rows):
+            w.add(source_index=i, token_ids=np.asarray(ids, np.int32), loss_mask=np.asarray(mask, bool),
+                  hidden=capture_hidden(model, ids, layer_ids))  # fmt: skip
+    return Path(out)
+
+
+def random_rows(n: int, seed: int = 0, lo: int = 24, hi: int = 96, vocab: int = 300) -> list:
+    """n token sequences with learnable structure (short repeated phrases over a small vocabulary) and a
+    loss mask that leaves a prompt of 20-40% unsupervised."""
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(10, vocab, rng.integers(3, 7)) for _ in range(12)]
+    rows = []
+    for _ in range(n):
+        T = int(rng.integers(lo, hi))
+        ids = np.concatenate([phrases[i] for i in rng.integers(0, len(phrases), T)])[:T]
+        mask = np.arange(T) >= int(T * rng.uniform(0.2, 0.4))
+        rows.append((ids.astype(np.int32), mask))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_model, tmp_path_factory):
+    """tiny_dataset(arch="llama", n=32, **kw) -> a dataset captured from tiny_model(arch) (built once per args)."""
+    built: dict = {}
+
+    def get(arch: str = "llama", n: int = 32, seed: int = 0, **kw) -> Path:
+        key = (arch, n, seed, tuple(sorted(kw.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"ds-{arch}") / "ds"
+            built[key] = write_dataset(tiny_model(arch), random_rows(n, seed), out, **kw)
+        return built[key]
+
+    return get
+
+
+def _run_train(args: list[str], env: dict | None = None, timeout: int = 600, check: bool = True):
+    """`python -m spec_train ARGS` in a subprocess (as torchrun would start it)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "spec_train", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"spec_train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_train():
+    """run_train(args, env=None, check=True) -> CompletedProcess of `python -m spec_train ARGS`."""
+    return _run_train
+
+
+@pytest.fixture(scope="session")
+def capture_dataset():
+    """capture_dataset(model_dir, rows, out, layer_ids=None, dtype="fp32", ...) -> dataset path."""
+    return write_dataset
+
+
+@pytest.fixture(scope="session")
+def make_rows():
+    """make_rows(n, seed=0, ...) -> [(token_ids, loss_mask), ...] with learnable structure."""
+    return random_rows

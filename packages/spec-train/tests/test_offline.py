@@ -1,0 +1,94 @@
+"""The simulated acceptance: the TTT computation (one forward with the verifier's greedy tokens as step
+inputs) and vLLM-style KV-cache drafting (spec_models.extend / greedy_step) count the same chains, and
+the acceptance-length formula."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from spec_models import init_eagle3_from_verifier
+from spec_train.metrics import acceptance_length, chain_counts, estimate
+from spec_train.offline import estimate_acceptance, incremental_counts, ttt_counts
+from spec_train.targets import VerifierHead
+
+
+def small_vocab_verifier(path, vocab=3, hidden=32, layers=4, seed=0):
+    """A verifier directory with a 3-token vocabulary: random drafts then match the verifier's greedy token
+    a third of the time, so chains of every depth occur."""
+    rng = np.random.default_rng(seed)
+    path.mkdir()
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64,
+           "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+           "max_position_embeddings": 512, "tie_word_embeddings": False}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.embed_tokens.weight": rng.standard_normal((vocab, hidden)).astype(np.float32),
+               "model.norm.weight": np.ones(hidden, np.float32),
+               "lm_head.weight": rng.standard_normal((vocab, hidden)).astype(np.float32)},
+              str(path / "model.safetensors"))  # fmt: skip
+    return path
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    vdir = small_vocab_verifier(tmp_path / "verifier")
+    torch.manual_seed(0)
+    draft = init_eagle3_from_verifier(vdir, aux_layer_ids=[1, 2, 3])
+    with torch.no_grad():  # larger random weights: varied predictions
+        for name, p in draft.named_parameters():
+            if "norm" not in name and name != "embed_tokens.weight":
+                p.normal_(0, 0.3)
+    draft.eval()
+    head = VerifierHead(vdir, np.arange(3))
+    return draft, head
+
+
+def _sample(n, seed, supervised_from=3):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 3, (n,), generator=g),
+        "loss_mask": torch.arange(n) >= supervised_from,
+        "position_ids": torch.arange(n),
+        "aux": torch.randn(n, 96, generator=g),
+        "last": torch.randn(n, 32, generator=g),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_ttt_and_incremental_drafting_count_the_same_chains(setup, k):
+    draft, head = setup
+    samples = [_sample(n, seed) for seed, n in enumerate([40, 61, 3, 75])]
+    inc = [incremental_counts(draft, head, s, k, slots_per_batch=16) for s in samples]
+    # The TTT estimate over one packed row of all four documents.
+    packed = {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
+    a, r = ttt_counts(draft, head, packed, k)
+    assert a.tolist() == [sum(x[0][j].item() for x in inc) for j in range(k)]
+    assert r.tolist() == [sum(x[1][j].item() for x in inc) for j in range(k)]
+    assert a[-1] > 0, "chains reach the last depth (the check is not vacuous)"
+
+
+def test_chain_counts_and_length():
+    match = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    eligible = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    accepted, reached = chain_counts(match, eligible)
+    assert accepted.tolist() == [3, 2, 0]  # chain 3 stops at depth 2: no supervised token there
+    assert reached.tolist() == [4, 3, 1]
+    est = estimate(accepted.tolist(), reached.tolist())
+    assert est.per_position == [0.75, 2 / 3, 0.0]
+    assert est.mean_acceptance_length == pytest.approx(1 + 0.75 + 0.5)
+    assert acceptance_length([1.0, 1.0, 1.0]) == 4.0
+
+
+def test_estimate_acceptance_on_a_dataset(tiny_dataset, tiny_model, tmp_path):
+    """The library entry point `spec eval --offline` uses: a draft directory and a dataset directory."""
+    from spec_models import save
+
+    ds = tiny_dataset("llama", n=6)
+    draft = init_eagle3_from_verifier(tiny_model("llama"), aux_layer_ids=[2, 4, 5])
+    save(draft, tmp_path / "draft")
+    est = estimate_acceptance(tmp_path / "draft", ds, k=2)
+    assert len(est.per_position) == 2 and est.n > 0
+    assert 1.0 <= est.mean_acceptance_length <= 3.0

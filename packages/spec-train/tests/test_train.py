@@ -1,0 +1,302 @@
+"""`spec train` end to end on tiny targets, in real subprocesses: the run layout, exact resume after SIGKILL
+(mid-step and mid-checkpoint-write), DDP and FSDP2 with two gloo processes, bad input, MoE targets,
+fine-tuning, configuration files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from spec_format.checkpoint import read_config
+from spec_format.fingerprint import fingerprint_model_dir
+from spec_format.validate import validate_checkpoint
+
+# Small rows and vocabulary: each step takes well under a second on two cores.
+FAST = ["--draft-vocab-size", "256", "--batch-tokens", "160", "--no-progress", "--loss-chunk", "64"]
+
+
+def weights(run: Path, step: int) -> dict[str, np.ndarray]:
+    return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "training" / "weights.safetensors"))
+
+
+def train_lines(run: Path, split="train") -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def ds(tiny_dataset):
+    return tiny_dataset("llama", n=24)
+
+
+@pytest.fixture(scope="module")
+def verifier(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def baseline(ds, verifier, tmp_path_factory, run_train):
+    """An uninterrupted 8-step run (checkpoints every 2 steps), the reference for the resume tests."""
+    run = tmp_path_factory.mktemp("baseline") / "run"
+    args = [str(ds), "--verifier", str(verifier), "--out", str(run), "--max-steps", "8", "--save-every", "2",
+            "--keep-last", "10", "--noise", "0.05", *FAST]  # fmt: skip
+    run_train(args)
+    return run, args
+
+
+def test_run_layout(baseline, verifier):
+    run, _ = baseline
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in (2, 4, 6, 8)]
+    for d in (run / "final", run / "best", run / "checkpoints" / "step-000004"):
+        assert not validate_checkpoint(d).errors, d
+    assert sorted(p.name for p in (run / "final").iterdir()) == ["config.json", "model.safetensors"]
+    # final/ is the last checkpoint, hard-linked
+    assert os.path.samefile(
+        run / "final" / "model.safetensors", run / "checkpoints/step-000008/model.safetensors"
+    )
+    cfg, _ = read_config(run / "final")
+    assert cfg.speculative_tokens == 3 and cfg.draft_vocab_size == 256
+    assert cfg.spec.verifier.config_sha256 == fingerprint_model_dir(verifier).config_sha256
+    assert cfg.spec.provenance["step"] == 8
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["max_steps"] == 8 and saved["noise"] == 0.05
+    assert not list(run.glob("config.json")), "the run configuration is train_config.json only"
+    assert [x["step"] for x in train_lines(run)] == list(range(1, 9))
+    val = train_lines(run, "val")
+    assert [x["step"] for x in val] == [2, 4, 6, 8] and len(val[0]["acceptance"]) == 3
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "acceptance.png").stat().st_size > 1000
+    best_step = read_config(run / "best")[0].spec.provenance["step"]
+    lengths = {x["step"]: x["acceptance_length"] for x in val}
+    assert lengths[best_step] == max(lengths.values())
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_after_sigkill_mid_step(baseline, tmp_path, run_train):
+    run0, args = baseline
+    run = tmp_path / "run"
+    args = [a if a != str(run0) else str(run) for a in args]
+    killed = run_train(args, env={"SPEC_TRAIN_KILL_AT": "step:5"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002", "step-000004"] or sorted(
+        p.name for p in (run / "checkpoints").iterdir()
+    ) == ["step-000002", "step-000004"]
+    run_train([*args, "--resume"])
+    _assert_same_weights(weights(run, 8), weights(run0, 8))  # bitwise, on this CPU
+    assert [x["step"] for x in train_lines(run)] == list(range(1, 9)), "no step logged twice"
+
+
+def test_resume_after_sigkill_mid_checkpoint_write(baseline, tmp_path, run_train):
+    run0, args = baseline
+    run = tmp_path / "run"
+    args = [a if a != str(run0) else str(run) for a in args]
+    killed = run_train(args, env={"SPEC_TRAIN_KILL_AT": "checkpoint:6"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers, "the kill happened with half a checkpoint on disk"
+    assert read_config(run / "final")[0].spec.provenance["step"] == 4  # final/ untouched by the torn write
+    proc = run_train([*args, "--resume"])
+    assert "left half-written" in proc.stderr and "resumed from" in proc.stderr
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    _assert_same_weights(weights(run, 8), weights(run0, 8))
+
+
+def test_resume_after_external_sigkill(baseline, tmp_path, run_train):
+    """kill -9 from outside at an arbitrary moment of the run (here: once step 3 is logged)."""
+    run0, args = baseline
+    run = tmp_path / "run"
+    args = [a if a != str(run0) else str(run) for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "spec_train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_train([*args, "--resume"])
+    _assert_same_weights(weights(run, 8), weights(run0, 8))
+
+
+def test_resume_refuses_another_config(baseline, run_train):
+    run, args = baseline
+    proc = run_train([*args, "--resume", "--lr", "0.5"], check=False)
+    assert proc.returncode == 1
+    assert "train_config.json: this run was made with lr=0.001, not 0.5" in proc.stderr
+    proc = run_train(args, check=False)
+    assert proc.returncode == 1 and "already holds a training run; pass --resume" in proc.stderr
+    # Run-time settings may change: resuming a finished run with another cadence does nothing and succeeds.
+    run_train([*args, "--resume", "--save-every", "3"])
+
+
+def _ddp_run(run_train, ds, verifier, out, nproc, accum, extra=()):
+    args = [str(ds), "--verifier", str(verifier), "--out", str(out), "--max-steps", "4", "--save-every", "4",
+            "--grad-accum", str(accum), "--max-eval-rows", "2", *FAST, *extra]  # fmt: skip
+    if nproc == 1:
+        return run_train(args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "spec_train", *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_two_processes_ddp_match_one_process(ds, verifier, tmp_path, spec_cli, run_train):
+    one = tmp_path / "one"
+    _ddp_run(run_train, ds, verifier, one, 1, 2)
+    two = tmp_path / "two"  # through `spec train --nproc 2` (re-launched under torchrun)
+    args = [str(ds), "--verifier", str(verifier), "--out", str(two), "--max-steps", "4", "--save-every", "4",
+            "--grad-accum", "1", "--max-eval-rows", "2", *FAST, "--nproc", "2"]  # fmt: skip
+    proc = subprocess.run([spec_cli, "train", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = train_lines(one), train_lines(two)
+    np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=1e-5)
+    assert [x["tokens"] for x in b] == [x["tokens"] for x in a]
+    wa, wb = weights(one, 4), weights(two, 4)
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert json.loads((two / "train_config.json").read_text())["world_size"] == 2
+
+
+def test_two_processes_fsdp2_match_one_process(ds, verifier, tmp_path, run_train):
+    one = tmp_path / "one"
+    _ddp_run(run_train, ds, verifier, one, 1, 2)
+    two = tmp_path / "two"
+    _ddp_run(run_train, ds, verifier, two, 2, 1, ["--fsdp"])
+    np.testing.assert_allclose(
+        [x["loss"] for x in train_lines(two)], [x["loss"] for x in train_lines(one)], rtol=1e-5
+    )
+    wa, wb = weights(one, 4), weights(two, 4)
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert not validate_checkpoint(two / "final").errors
+
+
+def test_moe_target_trains_a_dense_draft(tiny_dataset, tiny_model, tmp_path, run_train):
+    verifier = tiny_model("qwen3_moe")
+    ds = tiny_dataset("qwen3_moe", n=8)
+    run = tmp_path / "run"
+    run_train([str(ds), "--verifier", str(verifier), "--out", str(run), "--max-steps", "3", *FAST])
+    cfg, _ = read_config(run / "final")
+    lc = cfg.transformer_layer_config
+    vcfg = json.loads((verifier / "config.json").read_text())
+    assert lc["model_type"] == "qwen3" and lc["intermediate_size"] == (
+        vcfg.get("intermediate_size") or 3 * vcfg["hidden_size"]
+    )
+    assert not validate_checkpoint(run / "final").errors
+    losses = [x["loss"] for x in train_lines(run)]
+    assert all(np.isfinite(losses))
+
+
+def test_config_file_flags_override_and_fine_tune(baseline, ds, verifier, tmp_path, run_train):
+    run0, _ = baseline
+    conf = tmp_path / "train.toml"
+    conf.write_text('lr = 5e-4\nttt-steps = 2\nmax_steps = 2\nverifier_name = "my-org/tiny-llama"\n')
+    run = tmp_path / "ft"
+    run_train([str(ds), "--verifier", str(verifier), "--out", str(run), "--config", str(conf), "--lr", "2e-4",
+               "--init-from", str(run0 / "final"), "--no-progress", "--batch-tokens", "160"])  # fmt: skip
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["lr"] == 2e-4 and saved["ttt_steps"] == 2 and saved["init_from"]
+    cfg, _ = read_config(run / "final")
+    assert (
+        cfg.speculative_tokens == 2 and cfg.draft_vocab_size == 256
+    )  # the fine-tuned draft keeps its vocabulary
+    assert cfg.verifier_name == "my-org/tiny-llama"
+    assert cfg.spec.verifier.config_sha256 == fingerprint_model_dir(verifier).config_sha256
+    proc = run_train([str(ds), "--verifier", str(verifier), "--out", str(tmp_path / "x"), "--init-from",
+                      str(run0 / "final"), "--draft-vocab-size", "512", *FAST[2:]], check=False)  # fmt: skip
+    assert proc.returncode == 1 and "keeps its vocabulary" in proc.stderr
+
+
+def test_one_sample_trains_without_validation_across_epochs(tiny_dataset, verifier, tmp_path, run_train):
+    ds = tiny_dataset("llama", n=1, seed=3)
+    run = tmp_path / "run"
+    proc = run_train([str(ds), "--verifier", str(verifier), "--out", str(run), "--max-steps", "3", *FAST])
+    assert "training without validation" in proc.stderr
+    assert [x["epoch"] for x in train_lines(run)] == [0, 1, 2]
+    assert not (run / "best").exists() and (run / "final" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, exit 1, before training starts.
+
+
+def _fails(run_train, args, *needles):
+    proc = run_train([*FAST, *args], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+def test_bad_input(ds, verifier, tiny_model, tmp_path, run_train, capture_dataset):
+    out = ["--out", str(tmp_path / "run")]
+    _fails(
+        run_train,
+        [str(ds), "--verifier", str(tiny_model("qwen3")), *out],
+        "captured from another target",
+        "architecture",
+    )
+    _fails(
+        run_train,
+        [str(ds), "--verifier", str(verifier), *out, "--draft-vocab-size", "60000"],
+        "larger than the verifier",
+    )
+    no_last = capture_dataset(
+        verifier, [(np.arange(10, 30), np.ones(20, bool))], tmp_path / "nolast", layer_ids=[2, 4, 5]
+    )
+    _fails(run_train, [str(no_last), "--verifier", str(verifier), *out], "lack capture id 8")
+    from spec_format.dataset import DatasetWriter
+
+    info = fingerprint_model_dir(verifier)
+    with DatasetWriter(tmp_path / "empty", target=info, layer_ids=[2, 4, 5, 8], hidden_size=info.hidden_size):
+        pass
+    _fails(run_train, [str(tmp_path / "empty"), "--verifier", str(verifier), *out], "no samples")
+    _fails(run_train, [str(ds), "--verifier", str(verifier), *out, "--step-weights", "1,2"], "--step-weights")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_corrupted_shard_mid_epoch_keeps_last_checkpoint(
+    verifier, tmp_path, run_train, capture_dataset, make_rows
+):
+    """NaNs written over one sample's hidden states (the shard's structure is intact, so only reading it
+    finds out): the run stops at the step that reads it, naming the shard; earlier checkpoints stay."""
+    from spec_format.dataset import Dataset
+    from spec_train.data import Stream, split_samples
+
+    ds_dir = capture_dataset(verifier, make_rows(12, seed=5), tmp_path / "ds", samples_per_shard=4)
+    ds = Dataset(ds_dir)
+    split = split_samples(len(ds), 0.0, 256, 0)
+    victim = Stream(split.train, ds.lengths, 160, 0).epoch(0).row(2)[0][0]  # read at step 3
+    k, j = ds.locate(victim)
+    reader = ds.shard(k)
+    c = [col.name for col in reader.columns].index("hidden")  # index row: 3 counts, then (offset, nbytes)
+    off, nbytes = int(reader.index[j, 3 + 2 * c]), int(reader.index[j, 4 + 2 * c])
+    path = ds_dir / ds.manifest.shards[k].file
+    del ds, reader
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * nbytes)
+    run = tmp_path / "run"
+    last = _fails(run_train, [str(ds_dir), "--verifier", str(verifier), "--out", str(run), "--max-steps", "6",
+                   "--save-every", "1", "--val-fraction", "0"], "non-finite loss at step 3", path.name)  # fmt: skip
+    assert "spec validate --deep" in last
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert not validate_checkpoint(run / "final").errors
