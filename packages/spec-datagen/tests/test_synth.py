@@ -106,7 +106,7 @@ def test_cli_refuses_what_cannot_work_before_starting_the_engine(
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_cli_synth_with_replies(tmp_path, demo_model, spec_cli):
-    out = tmp_path / "p.jsonl"
+    out = tmp_path / "new" / "dir" / "p.jsonl"  # a parent that does not exist yet is made
     res = subprocess.run(
         [spec_cli, "synth", str(demo_model), "--n", "4", "--out", str(out), "--seed", "3", "--max-tokens", "64",
          "--respond", "--reply-max-tokens", "16", "--max-model-len", "256", "--no-progress"],

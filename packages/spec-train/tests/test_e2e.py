@@ -1,15 +1,19 @@
 """The real thing: SmolLM2-135M-Instruct answers prompts (greedy, in vLLM: on-policy data), its hidden
-states are captured, `spec train` trains an EAGLE-3 draft on them, and vLLM serves the draft next to the
-target: greedy outputs identical to the target's alone, measured acceptance length above 1.
+states are captured, `spec train` trains an EAGLE-3 draft on them, and `spec eval` measures it in vLLM next
+to the target alone and to n-gram speculation: greedy outputs identical, acceptance length above 1 from
+vLLM's own counters, and `spec eval --offline` (no vLLM) within 5% of it.
 
-Two engine starts: the plain target (shared with other tests under the key "plain") and the target with
-the trained draft.
+Engine starts: the plain target (shared with other tests under the key "plain"), then spec eval's three
+(baseline, draft, n-gram) in its subprocess.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -20,65 +24,84 @@ from spec_train.offline import estimate_acceptance
 # Prompts written for this test (not the evaluation prompts of spec_train/data/chat_eval.jsonl).
 TOPICS = ["the water cycle", "honey bees", "volcanoes", "the moon", "bread", "rainbows", "bicycles",
           "the ocean", "owls", "libraries", "trains", "snow"]  # fmt: skip
-TRAIN_PROMPTS = [f"Explain {t} in simple terms." for t in TOPICS] + [
-    f"Give me three facts about {t}." for t in TOPICS
-]
+TRAIN_PROMPTS = [f"Explain {t} in simple terms." for t in TOPICS]
+TRAIN_PROMPTS += [f"Give me three facts about {t}." for t in TOPICS]
 HELD_OUT = ["Explain thunderstorms in simple terms.", "Give me three facts about cats.",
             "Explain how a fridge keeps food cold.", "Give me three facts about the desert."]  # fmt: skip
 
 
-def _chat(p):
-    return [{"role": "user", "content": p}]
+class Trained(msgspec.Struct):
+    run: str
+    dataset: str
 
 
-@pytest.mark.e2e
-def test_train_on_smollm2_then_serve_in_vllm(demo_model, vllm_engine, capture_dataset, run_train, tmp_path):
+@pytest.fixture(scope="module")
+def trained(demo_model, vllm_engine, capture_dataset, run_train, tmp_path_factory) -> Trained:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from spec_datagen.runtime import spec_decode_counters
-
     tok = AutoTokenizer.from_pretrained(demo_model)
-    llm = vllm_engine("plain", demo_model)
-    outs = llm.chat(
-        [_chat(p) for p in TRAIN_PROMPTS], SamplingParams(temperature=0, max_tokens=160), use_tqdm=False
+    chats = [[{"role": "user", "content": p}] for p in TRAIN_PROMPTS]
+    outs = vllm_engine("plain", demo_model).chat(
+        chats, SamplingParams(temperature=0, max_tokens=160), use_tqdm=False
     )
     rows = []
-    for p, o in zip(TRAIN_PROMPTS, outs):
+    for chat, o in zip(chats, outs):
         prompt = list(
-            tok.apply_chat_template(_chat(p), add_generation_prompt=True, return_dict=True)["input_ids"]
+            tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
         )
         reply = list(o.outputs[0].token_ids)
         rows.append((np.array(prompt + reply), np.arange(len(prompt) + len(reply)) >= len(prompt)))
-    eval_params = SamplingParams(temperature=0, max_tokens=64)
-    baseline = [
-        list(o.outputs[0].token_ids)
-        for o in llm.chat([_chat(p) for p in HELD_OUT], eval_params, use_tqdm=False)
-    ]
-    ds = capture_dataset(demo_model, rows, tmp_path / "ds", dtype="bf16")
-
-    run = tmp_path / "run"
+    tmp = tmp_path_factory.mktemp("e2e")
+    ds = capture_dataset(demo_model, rows, tmp / "ds", dtype="bf16")
+    run = tmp / "run"
     run_train([str(ds), "--verifier", str(demo_model), "--out", str(run), "--max-steps", "48", "--save-every", "16",
                "--batch-tokens", "1024", "--val-fraction", "0.15", "--draft-vocab-size", "4096",
                "--save-dtype", "float32", "--no-progress"], timeout=1500)  # fmt: skip
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return Trained(str(run), str(ds))
+
+
+@pytest.mark.e2e
+def test_training_lowers_loss_and_raises_acceptance(trained, demo_model):
+    lines = [json.loads(x) for x in Path(trained.run, "metrics.jsonl").read_text().splitlines()]
     val = [x for x in lines if x["split"] == "val"]
     assert val[-1]["loss"] < 0.8 * val[0]["loss"], [x["loss"] for x in val]
     assert val[-1]["acceptance_length"] > 1.2, [x["acceptance_length"] for x in val]
 
-    # The offline estimate by KV-cache drafting (what `spec eval --offline` calls) on the validation samples
-    # agrees with the TTT estimate the trainer logged for the same weights.
-    split = split_samples(len(Dataset(ds)), 0.15, 256, 0)
-    est = estimate_acceptance(run / "final", ds, k=3, verifier=demo_model, samples=split.val.tolist())
+    # The offline estimate by KV-cache drafting (spec-models) on the validation samples counts the same
+    # chains as the TTT estimate the trainer logged for the same weights, and agrees with it.
+    split = split_samples(len(Dataset(trained.dataset)), 0.15, 256, 0)
+    est = estimate_acceptance(
+        trained.run + "/final", trained.dataset, k=3, verifier=demo_model, samples=split.val.tolist()
+    )
     assert est.n == val[-1]["chains"]
     np.testing.assert_allclose(est.per_position, val[-1]["acceptance"], atol=0.02)
 
-    spec = vllm_engine("trained-eagle3", demo_model, disable_log_stats=False,
-                       speculative_config={"method": "eagle3", "model": str(run / "final"), "num_speculative_tokens": 3})  # fmt: skip
-    before = spec_decode_counters(spec)
-    outs = spec.chat([_chat(p) for p in HELD_OUT], eval_params, use_tqdm=False)
-    measured = spec_decode_counters(spec) - before
-    assert [list(o.outputs[0].token_ids) for o in outs] == baseline, "speculative decoding changed the output"
-    assert measured.drafts > 0 and measured.mean_acceptance_length > 1.0, measured
-    print(f"served acceptance length {measured.mean_acceptance_length:.3f}, per position "
-          f"{[round(a, 3) for a in measured.acceptance_per_position]}; offline estimate {est.mean_acceptance_length:.3f}")  # fmt: skip
+
+@pytest.mark.e2e
+def test_spec_eval_measures_the_draft_in_vllm(trained, spec_cli, tmp_path):
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
+    common = [trained.run + "/final", "--data", str(prompts), "--max-tokens", "64", "--json"]
+    proc = subprocess.run([spec_cli, "eval", *common, "--concurrency", "1,4", "--report", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # --json: stdout is exactly one JSON object
+    draft, ngram = report["draft"], report["ngram"]
+    assert report["outputs_identical"] is True, "speculative decoding changed the greedy output"
+    assert draft["counters"]["drafts"] > 0 and draft["mean_acceptance_length"] > 1.0, draft
+    assert len(draft["acceptance_per_position"]) == 3 and ngram["mean_acceptance_length"] >= 1.0
+    for entry in (draft, ngram):
+        assert set(entry["speedup"]) == {"1", "4"} and all(r["tokens_per_second"] > 0 for r in entry["runs"])
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["draft"] == draft
+    assert (tmp_path / "r" / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Without vLLM: the target in transformers and the draft from spec-models on the same prompts.
+    proc = subprocess.run(
+        [spec_cli, "eval", *common, "--offline"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads(proc.stdout)["draft"]["mean_acceptance_length"]
+    online = draft["mean_acceptance_length"]
+    print(f"acceptance length: vLLM {online:.3f} {draft['acceptance_per_position']}, offline {offline:.3f}")
+    assert abs(offline - online) <= 0.05 * online, (offline, online)

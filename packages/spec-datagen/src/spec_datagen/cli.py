@@ -499,6 +499,7 @@ def synth(
 
     if Path(out).exists():
         raise click.UsageError(f"{out} already exists; remove it or pass another --out")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of generation
     template_text = Path(chat_template).read_text() if chat_template else None
     renderer = ChatRenderer.for_model(target, template_text)
     topic_list = read_topics(topics) if topics else None

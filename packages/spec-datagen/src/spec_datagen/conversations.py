@@ -384,6 +384,7 @@ def write_rows(path: str | os.PathLike, conversations: Iterable[Conversation]) -
     """Write conversations as JSONL rows in their own layouts (atomically: a temp file renamed). Returns rows."""
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for conv in conversations:
