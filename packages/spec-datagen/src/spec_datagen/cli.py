@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
@@ -540,7 +542,11 @@ def synth(
             )
             rstats = RegenStats()
             t0 = time.perf_counter()
-            convs = list(regen.regenerate(convs, stats=rstats))
+            from tqdm import tqdm
+
+            replies = regen.regenerate(convs, stats=rstats)
+            convs = list(tqdm(replies, total=len(convs), desc="replies", unit="conv", disable=not progress,
+                              file=sys.stderr))  # fmt: skip
             reply_lines = RegenSummary(
                 rstats, time.perf_counter() - t0, 0, regen.sampling.describe(), out
             ).lines()
