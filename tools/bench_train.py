@@ -1,13 +1,11 @@
 """Training benchmark on data captured from the real SmolLM2-135M-Instruct: tokens/s and peak memory of
 `spec train`'s step against a plain, unchunked reference loop, side by side in one run, with the ratios.
 
-    uv run --no-sync python tools/bench_train.py make-data DATA            # once: prompts -> replies -> capture
-    uv run --no-sync python tools/bench_train.py bench DATA [--steps 20]   # the comparison
+    uv run --no-sync python tools/bench_train.py bench DATASET [--steps 20]
 
-make-data: the target answers ~400 prompts built from templates x topics (never the evaluation prompts of
-spec_train/data/chat_eval.jsonl) with greedy decoding in vLLM (on-policy data), then its hidden states are
-captured with transformers (EAGLE-3 layers 2, 15, 27 + 30, vLLM's capture-id convention) into a
-spec-format dataset. (Once `spec datagen` is on main, it replaces the transformers capture.)
+DATASET: any spec-format dataset captured from SmolLM2-135M-Instruct, e.g. the quick start's
+(`spec quickstart --out qs` leaves it in qs/dataset: the target's own replies to synthesised prompts,
+captured by `spec datagen`).
 
 bench: each trainer runs in its own process (peak RSS is per process) on the same rows, draft
 configuration (1 layer, draft vocabulary 32768, k = 3) and precision:
@@ -16,7 +14,7 @@ configuration (1 layer, draft vocabulary 32768, k = 3) and precision:
     full verifier logits, log_softmax, KL, autograd.
 vllm-project/speculators' trainer is not run here: its Trainer assumes CUDA (device "cuda" when no
 accelerator, model.to(local_rank), batches .to(local_rank)), so it cannot run on this CPU without
-changing what it computes. `--speculators` runs it where CUDA exists (the GPU check).
+changing what it computes; tools/gpu_check.py runs it side by side with ours on a GPU.
 """
 
 from __future__ import annotations
@@ -29,85 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-TOPICS = [
-    "photosynthesis", "the water cycle", "compound interest", "black holes", "the French Revolution",
-    "machine learning", "volcanoes", "the immune system", "supply and demand", "plate tectonics",
-    "recycling", "the Roman Empire", "electric cars", "sleep", "honey bees", "the internet", "vaccines",
-    "climate change", "the stock market", "gravity", "coffee", "chess", "the moon landing", "rainbows",
-    "a healthy breakfast", "learning a language", "time management", "public speaking", "gardening",
-    "saving money", "the human heart", "earthquakes", "solar panels", "dinosaurs", "the Olympic games",
-    "bread baking", "DNA", "ocean tides", "the printing press", "friendship", "running a marathon",
-    "cloud computing", "penguins", "the Great Wall of China", "music theory", "first aid", "bicycles",
-    "the periodic table", "democracy", "composting",
-]  # fmt: skip
-TEMPLATES = [
-    "Explain {t} in simple terms.",
-    "Write a short paragraph about {t}.",
-    "Give me three interesting facts about {t}.",
-    "What are the main benefits of {t}?",
-    "How would you teach a child about {t}?",
-    "Write a haiku about {t}.",
-    "What is a common misconception about {t}?",
-    "Summarize the history of {t} in a few sentences.",
-]
-
-
-def prompts(n: int) -> list[str]:
-    out = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
-    return out[:n]
-
-
-def make_data(out: Path, n: int, max_tokens: int) -> None:
-    """Greedy replies from the target in vLLM, then a transformers capture into a spec-format dataset."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from spec_datagen.demo_model import demo_model_dir
-    from spec_datagen.runtime import make_llm, shutdown_llm
-    from spec_format.dataset import DatasetWriter
-    from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir
-
-    model_dir = demo_model_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    chats = [[{"role": "user", "content": p}] for p in prompts(n)]
-    replies_path = out.with_suffix(".replies.json")
-    if not replies_path.exists():
-        from vllm import SamplingParams
-
-        llm = make_llm(model_dir)
-        outs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
-        replies = [list(o.outputs[0].token_ids) for o in outs]
-        shutdown_llm(llm)
-        replies_path.write_text(json.dumps(replies))
-    replies = json.loads(replies_path.read_text())
-    info = fingerprint_model_dir(model_dir)
-    layers = default_eagle3_layers(info.num_hidden_layers)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    grabbed = {}
-    model.model.layers[-1].register_forward_hook(
-        lambda m, i, o: grabbed.update(last=o[0] if isinstance(o, tuple) else o)
-    )
-    t0, total = time.time(), 0
-    with DatasetWriter(out, target=info, layer_ids=layers, hidden_size=info.hidden_size, dtype="bf16",
-                       command=f"tools/bench_train.py make-data (n={n}, max_tokens={max_tokens})") as w:  # fmt: skip
-        for i, (chat, reply) in enumerate(zip(chats, replies)):
-            prompt = list(tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
-            ids = np.asarray(prompt + reply, dtype=np.int32)
-            mask = np.arange(len(ids)) >= len(prompt)
-            with torch.no_grad():
-                hs = model(
-                    torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True
-                ).hidden_states
-            L = info.num_hidden_layers
-            hidden = torch.stack([grabbed["last"][0] if k == L else hs[k][0] for k in layers], 1)
-            w.add(source_index=i, token_ids=ids, loss_mask=mask, hidden=hidden.float().numpy())
-            total += len(ids)
-            print(f"\rcaptured {i + 1}/{len(chats)} samples, {total} tokens, {total / (time.time() - t0):.0f} tok/s",
-                  end="", file=sys.stderr)  # fmt: skip
-    print(file=sys.stderr)
-
 
 # ---------------------------------------------------------------------------------------------
 # One trainer in this process (the `run` subcommand), reporting JSON on stdout.
@@ -197,10 +116,6 @@ def bench(data: Path, steps: int, batch_tokens: int, draft_vocab: int) -> list[d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make-data")
-    m.add_argument("out", type=Path)
-    m.add_argument("--prompts", type=int, default=400)
-    m.add_argument("--max-tokens", type=int, default=256)
     for name in ("bench", "run"):
         b = sub.add_parser(name)
         b.add_argument("data", type=Path)
@@ -210,9 +125,7 @@ def main() -> None:
         b.add_argument("--batch-tokens", type=int, default=2048)
         b.add_argument("--draft-vocab", type=int, default=32768)
     a = ap.parse_args()
-    if a.cmd == "make-data":
-        make_data(a.out, a.prompts, a.max_tokens)
-    elif a.cmd == "run":
+    if a.cmd == "run":
         print(json.dumps(run_one(a.data, a.which, a.steps, a.batch_tokens, a.draft_vocab)))
     else:
         bench(a.data, a.steps, a.batch_tokens, a.draft_vocab)

@@ -293,7 +293,9 @@ def has_commands(*names: str) -> list[str]:
     return [n for n in names if f"  {n} " not in out]
 
 
-def train_and_eval(target: Path, work: Path, max_steps: int) -> dict:
+def train_and_eval(target: Path, work: Path, train_flags: list[str], eval_flags: list[str]) -> dict:
+    """Per data set: capture, train the same draft with the same flags, measure it in vLLM (its counters)
+    on the held-out prompts."""
     results = {}
     for name in SETS:
         dataset, run = work / f"ds_{name}", work / f"run_{name}"
@@ -301,29 +303,34 @@ def train_and_eval(target: Path, work: Path, max_steps: int) -> dict:
         if not (work / f"ds_{name}.done").exists():  # a killed datagen continues with --resume
             spec("datagen", str(target), "--data", data, "--out", str(dataset), "--resume")
             (work / f"ds_{name}.done").write_text("")
-        if not (run / "final").exists():
+        if not (run / ".done").exists():
             spec(
-                "train",
-                str(dataset),
-                "--verifier",
-                str(target),
-                "--out",
-                str(run),
-                "--max-steps",
-                str(max_steps),
+                "train", str(dataset), "--verifier", str(target), "--out", str(run), "--resume", *train_flags
             )
-        report = json.loads(spec("eval", str(run / "final"), "--data", str(work / "eval.jsonl"), "--json"))
-        results[name] = report["draft"]["mean_acceptance_length"]
-        (work / f"eval_{name}.json").write_text(json.dumps(report, indent=1))
+            (run / ".done").write_text("")
+        report_file = work / f"eval_{name}.json"
+        if not report_file.exists():
+            report = spec(
+                "eval", str(run / "final"), "--data", str(work / "eval.jsonl"), "--json", *eval_flags
+            )
+            report_file.write_text(report)
+        report = json.loads(report_file.read_text())
+        results[name] = {"mean_acceptance_length": report["draft"]["mean_acceptance_length"],
+                         "acceptance_per_position": report["draft"]["acceptance_per_position"]}  # fmt: skip
     return results
 
 
 def table(sizes: dict, results: dict | None) -> str:
-    head = "| data set | rows | tokens | supervised tokens | acceptance length |\n|---|---:|---:|---:|---:|\n"
+    head = "| data set | rows | tokens | supervised tokens | acceptance length (per position) |\n|---|---:|---:|---:|---:|\n"
     lines = []
     for name in SETS:
         s = sizes[name]
-        acc = f"{results[name]:.3f}" if results and name in results else "not run"
+        r = (results or {}).get(name)
+        acc = (
+            f"{r['mean_acceptance_length']:.3f} ({', '.join(f'{a:.2f}' for a in r['acceptance_per_position'])})"
+            if r
+            else "not run"
+        )
         lines.append(
             f"| ({name}) {SET_NAMES[name]} | {s['rows']} | {s['tokens']} | {s['supervised_tokens']} | {acc} |"
         )
@@ -342,7 +349,10 @@ def main() -> None:
         "--n-synth", type=int, default=1000, help="Synthesised prompts for (a) (not all may be needed)."
     )
     p.add_argument("--max-tokens", type=int, default=512, help="Longest regenerated reply.")
-    p.add_argument("--max-steps", type=int, default=2000, help="Training steps per draft.")
+    p.add_argument(
+        "--train-flags", default="--max-steps 2000", help="`spec train` options, the same for every set."
+    )
+    p.add_argument("--eval-flags", default="", help="`spec eval` options, e.g. '--no-ngram --max-tokens 96'.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--human", choices=sorted(HUMAN_SOURCES), default="chatterbot")
     p.add_argument("--human-package", type=Path, default=None, help="A local copy (wheel or installed dir).")
@@ -370,7 +380,9 @@ def main() -> None:
         if missing:
             log(f"`spec {'/'.join(missing)}` not installed: stopping after data preparation")
         else:
-            results = train_and_eval(args.target, args.work, args.max_steps)
+            results = train_and_eval(
+                args.target, args.work, args.train_flags.split(), args.eval_flags.split()
+            )
     out = table(sizes, results)
     (args.work / "results.md").write_text(out + "\n")
     (args.work / "results.json").write_text(
