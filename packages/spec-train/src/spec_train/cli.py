@@ -6,6 +6,7 @@ override them)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def eval_cmd(
     from spec_train.evaluate import evaluate, plot_acceptance
 
     levels = _concurrency(concurrency)
+    out = _stdout_for_json() if as_json else None
     cfg, _ = read_config(draft_dir)
     verifier = verifier or cfg.verifier_name
     if not Path(verifier).is_dir():
@@ -128,12 +130,22 @@ def eval_cmd(
         report.mkdir(parents=True, exist_ok=True)
         (report / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_acceptance(per_position, report / "acceptance.png", f"{Path(draft_dir).name}, k={k}")
-    if as_json:
-        click.echo(json.dumps(result))
+    if out is not None:
+        out.write(json.dumps(result) + "\n")
+        out.flush()
     else:
         _print_summary(result)
     if result.get("outputs_identical") is False:
         print("warning: outputs with the draft differ from outputs without it (greedy)", file=sys.stderr)
+
+
+def _stdout_for_json():
+    """The real standard output, kept for the one JSON object; file descriptor 1 then points at stderr for
+    the rest of the run, because vLLM and its engine processes (which inherit fd 1) log to stdout."""
+    sys.stdout.flush()
+    real = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return real
 
 
 def _print_summary(result: dict) -> None:

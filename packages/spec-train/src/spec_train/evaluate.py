@@ -49,7 +49,6 @@ class EvalReport(msgspec.Struct):
     temperature: float
     verifier: str
     draft_dir: str
-    offline: dict | None = None
 
 
 def _log(msg: str) -> None:
