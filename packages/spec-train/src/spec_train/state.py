@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spec_format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from spec_format.dataset.manifest import fsync_dir, write_atomic
 from spec_format.errors import SpecError
 
 CHECKPOINTS, FINAL, BEST, TRAINING = "checkpoints", "final", "best", "training"
@@ -65,22 +66,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    write_atomic(path, data, f".{path.name}.tmp-{os.getpid()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +105,7 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(Path(dirpath) / name, "rb") as f:
                 os.fsync(f.fileno())
-        fsync_path(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def save_checkpoint(
@@ -156,7 +143,7 @@ def save_checkpoint(
     (tmp / TRAINING / "state.json").write_bytes(msgspec.json.format(msgspec.json.encode(state), indent=1))
     _fsync_tree(tmp)
     os.rename(tmp, final)
-    fsync_path(root)
+    fsync_dir(root)
     return final
 
 
@@ -175,11 +162,11 @@ def publish(ckpt: Path, dest: Path) -> None:
             os.link(ckpt / name, tmp / name)
         except OSError:
             shutil.copy2(ckpt / name, tmp / name)
-    fsync_path(tmp)
+    fsync_dir(tmp)
     if dest.exists():
         os.rename(dest, old)
     os.rename(tmp, dest)
-    fsync_path(dest.parent)
+    fsync_dir(dest.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
