@@ -31,10 +31,11 @@ PROMPTS = [
 ]
 MAX_TOKENS = 24
 
-# Three engines (each start costs 35-80 s here). A 1-layer Qwen3-style draft runs no code these do not
-# (its layer is the 2-layer draft's layer 0; the final norm is common to all).
+# Two engines (each start costs 35-80 s here). A 1-layer Qwen3-style draft runs no code these do not
+# (its layer is the 2-layer draft's layer 0; the final norm is common to all). The plain 1-layer Llama
+# draft with a pruned vocabulary and the verifier's embeddings is what spec train writes: test_e2e.py
+# trains one and finds spec eval --offline (spec_models.propose) and vLLM's counters in agreement.
 CONFIGS = {
-    "llama-1layer-pruned-shared-embed": dict(num_layers=1, layer_type="llama", draft_vocab=8192, k=3),
     "llama-3layer-full-vocab-shared-embed": dict(
         num_layers=3, layer_type="llama", draft_vocab=None, k=2, norm_before_residual=True, norm_output=True,
     ),

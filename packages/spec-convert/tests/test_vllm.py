@@ -1,6 +1,6 @@
 """Converted drafts in vLLM (CPU): they load with the verifier, run speculative steps, are accepted exactly
 where they should be, leave greedy output unchanged, and a draft that went out to the SafeAILab/SGLang
-layout and back behaves identically.
+layout and back keeps what vLLM reads.
 
 A random draft is never accepted, so its acceptance proves nothing. The tiny verifier here is built so that
 its next token depends on the current token only (every attention output projection is zero): the hidden
@@ -10,11 +10,11 @@ state through, the decoder layer adds nothing, lm_head is a least-squares fit. v
 proposals only if the converter told vLLM that very layer: an off-by-one in the layer ids hands the draft
 another layer's state and acceptance collapses.
 
-Engines: three on the tiny verifier (a converted SafeAILab draft, its round trip, a converted SpecForge
-Eagle-3.1 draft) and one on the real SmolLM2 (a converted two-layer ModelOpt draft), plus the suite's
+Engines: two on the tiny verifier (a converted SafeAILab draft, a converted SpecForge Eagle-3.1 draft) and one on the real SmolLM2 (a converted two-layer ModelOpt draft), plus the suite's
 shared plain SmolLM2 engine for the reference output.
 """
 
+import json
 import subprocess
 
 import numpy as np
@@ -158,9 +158,10 @@ def test_converted_safailab_draft_is_accepted_on_the_layers_it_was_built_for(saf
     assert counters.acceptance_per_position[0] > 0.9, counters  # random drafts: 0
 
 
-def test_round_trip_keeps_vllm_acceptance(tmp_path, safailab_run, bigram_verifier, vllm_engine, spec_cli):
-    """ours -> SafeAILab/SGLang layout -> ours: identical bytes, so vLLM's outputs and counters are equal."""
-    draft, prompts, _, outputs, counters = safailab_run
+def test_round_trip_keeps_what_vllm_reads(tmp_path, safailab_run, bigram_verifier, spec_cli):
+    """ours -> SafeAILab/SGLang layout -> ours: identical weight bytes and the same config.json apart from our
+    own provenance metadata, so vLLM serves the same draft (no second engine needed to show it)."""
+    draft, *_ = safailab_run
     convert(spec_cli, draft, "--to", "eagle3", "--out", tmp_path / "eagle3")
     convert(
         spec_cli, tmp_path / "eagle3", "--verifier", bigram_verifier[0], "--out", tmp_path / "back", "--k", 3
@@ -168,10 +169,9 @@ def test_round_trip_keeps_vllm_acceptance(tmp_path, safailab_run, bigram_verifie
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == (
         draft / "model.safetensors"
     ).read_bytes()
-    llm = vllm_engine("convert-roundtrip", tmp_path / "back", disable_log_stats=False)
-    back_outputs, back_counters = greedy(llm, [{"prompt_token_ids": p} for p in prompts])
-    assert back_outputs == outputs
-    assert back_counters == counters and back_counters.mean_acceptance_length > 1.9, back_counters
+    before, after = (json.loads((d / "config.json").read_text()) for d in (draft, tmp_path / "back"))
+    before.pop("spec", None), after.pop("spec", None)
+    assert after == before
 
 
 def test_specforge_layer_ids_reach_vllm_shifted_by_one(
