@@ -142,7 +142,7 @@ def explain(report: dict, out: Path) -> str:
         "Acceptance length is how many tokens each target forward yields when a draft is proposed. The wall-clock",
         "speed-up also pays for running the draft, and n-gram speculation proposes only where the text repeats",
         "its context (its acceptance counts those steps alone), so the two figures need not rank alike.",
-        "The draft learns from a few minutes of data here; more data (--minutes 60) raises its acceptance.",
+        "The draft learns from a few minutes of data here; more data raises its acceptance.",
         f"Charts: {out / 'eval' / 'acceptance.png'}, {out / 'run' / 'loss.png'}. Bigger run: spec quickstart --minutes 60",
     ]
     return "\n".join(lines)
