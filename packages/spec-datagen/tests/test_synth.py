@@ -83,6 +83,8 @@ def test_topics_file(tmp_path):
     (tmp_path / "e.txt").write_text("\n# none\n")
     with pytest.raises(SpecError, match="no topics; write one topic per line"):
         read_topics(tmp_path / "e.txt")
+    with pytest.raises(SpecError, match="no openers; write one opener per line"):
+        read_topics(tmp_path / "e.txt", "opener")
 
 
 @pytest.mark.parametrize(
@@ -148,6 +150,13 @@ def test_synthesises_distinct_filtered_prompts_reproducibly(smol):
     # Topics seed each attempt through the system message and are kept on the row.
     seeded = list(synthesize(llm, renderer, 2, options=options, topics=["baking bread", "the moon"]))
     assert len(seeded) == 2 and {c.extra["topic"] for c in seeded} <= {"baking bread", "the moon"}
+    # Openers start each user message; the target writes the rest.
+    openers = ["Write a Python function that", "Can you explain"]
+    opened = list(synthesize(llm, renderer, 4, options=options, openers=openers))
+    assert len(opened) == 4 and {c.extra["opener"] for c in opened} <= set(openers)
+    for c in opened:
+        text = c.messages[0].content
+        assert text.startswith(c.extra["opener"]) and len(text.split()) > len(c.extra["opener"].split())
 
 
 @pytest.mark.e2e

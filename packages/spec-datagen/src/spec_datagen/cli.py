@@ -408,6 +408,13 @@ def regenerate(
     default=None,
     help="A text file of topics, one per line; prompt i is seeded with topic i mod their number.",
 )
+@click.option(
+    "--openers",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A text file of opening words, one per line; prompt i starts with opener i mod their number and "
+    "the target writes the rest (steers small models, which ignore --topics).",
+)
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
@@ -462,6 +469,7 @@ def synth(
     out,
     seed,
     topics,
+    openers,
     temperature,
     top_p,
     max_tokens,
@@ -505,6 +513,7 @@ def synth(
     template_text = Path(chat_template).read_text() if chat_template else None
     renderer = ChatRenderer.for_model(target, template_text)
     topic_list = read_topics(topics) if topics else None
+    opener_list = read_topics(openers, "opener") if openers else None
     # A template that cannot seed topics, or none at all, is refused before the engine starts (a minute).
     user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topic_list[0]) if topic_list else None)
     options = SynthOptions(
@@ -525,7 +534,14 @@ def synth(
     try:
         stats = SynthStats()
         convs = synthesize_with_progress(
-            llm, renderer, n, options=options, topics=topic_list, stats=stats, progress=progress
+            llm,
+            renderer,
+            n,
+            options=options,
+            topics=topic_list,
+            openers=opener_list,
+            stats=stats,
+            progress=progress,
         )
         prompts = list(convs)
         reply_lines: list[str] = []

@@ -6,7 +6,9 @@ An aligned chat model given only its template's user-turn prefix (e.g. SmolLM2's
 end-of-turn token. The prefix is read off the chat template itself: a conversation with one sentinel user
 message is rendered and cut before the sentinel, so any template works (a default system prompt that the
 template adds comes along). With topics, each prompt is seeded by a system message naming its topic
-(the seeding system message is not part of the written row).
+(the seeding system message is not part of the written row). Small models ignore such a system message;
+openers steer them instead: the user message starts with the opener's words ("Write a Python function
+that") and the target writes the rest, so a mix of openers gives a mix of requests.
 
 Every generated prompt passes filters before it counts: it must end at the end-of-turn token (not at
 max_tokens), hold between min_words and max_words words, carry no template markup, not be degenerate
@@ -239,12 +241,14 @@ def synthesize(
     *,
     options: SynthOptions | None = None,
     topics: list[str] | None = None,
+    openers: list[str] | None = None,
     stats: SynthStats | None = None,
 ) -> Iterator[Conversation]:
     """Up to `n` synthesised user prompts as one-message Conversations (layout "messages"), each passing
     the filters and unlike every earlier one. Fewer come out when `max_attempts` generations do not give n
     (see stats.rejected). With topics, topic i % len(topics) seeds attempt i and is kept as row field
-    "topic"."""
+    "topic"; with openers, the message of attempt i starts with opener i % len(openers) (row field
+    "opener")."""
     from vllm import SamplingParams
 
     opt = options or SynthOptions()
@@ -262,6 +266,7 @@ def synthesize(
 
     def attempt(i: int):
         topic = topics[i % len(topics)] if topics else None
+        opener = openers[i % len(openers)] if openers else ""
         params = SamplingParams(
             temperature=opt.temperature,
             top_p=opt.top_p,
@@ -270,8 +275,9 @@ def synthesize(
             stop_token_ids=renderer.end_ids,
             detokenize=False,
         )
-        out = yield prefix_ids(topic), params
-        return topic, out.outputs[0]
+        opener_ids = renderer.tok(opener, add_special_tokens=False)["input_ids"] if opener else []
+        out = yield prefix_ids(topic) + opener_ids, params
+        return topic, opener, out.outputs[0]
 
     if n <= 0:
         return
@@ -282,13 +288,13 @@ def synthesize(
     # Attempts in flight: enough to keep the engine busy, not many more than n (the rest are thrown away).
     max_active = min(2 * llm.llm_engine.vllm_config.scheduler_config.max_num_seqs, 2 * n)
     tasks = (attempt(i) for i in range(max_attempts))
-    for topic, completion in run_in_order(llm, tasks, max_active=max_active):
+    for topic, opener, completion in run_in_order(llm, tasks, max_active=max_active):
         stats.attempts += 1
         ids = list(completion.token_ids)
         stats.generated_tokens += len(ids)
         while ids and ids[-1] in end:
             ids.pop()
-        text = renderer.tok.decode(ids, skip_special_tokens=False).strip()
+        text = (opener + renderer.tok.decode(ids, skip_special_tokens=False)).strip()
         reason = "truncated" if completion.finish_reason == "length" else None
         reason = reason or quality_issue(
             text, min_words=opt.min_words, max_words=opt.max_words, markup=markup
@@ -302,13 +308,15 @@ def synthesize(
             continue
         exact.add(fold(text))
         stats.accepted += 1
-        yield Conversation([Message("user", text)], extra={"topic": topic} if topic is not None else None)
+        extra = {"topic": topic} if topic is not None else {}
+        extra |= {"opener": opener} if opener else {}
+        yield Conversation([Message("user", text)], extra=extra or None)
         if stats.accepted >= n:
             return
 
 
-def read_topics(path) -> list[str]:
-    """Topics, one per line (blank lines and lines starting with # are skipped)."""
+def read_topics(path, what: str = "topic") -> list[str]:
+    """Topics (or openers), one per line (blank lines and lines starting with # are skipped)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -317,7 +325,7 @@ def read_topics(path) -> list[str]:
         line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
     ]
     if not topics:
-        raise SpecError(f"{path}: no topics; write one topic per line")
+        raise SpecError(f"{path}: no {what}s; write one {what} per line")
     return topics
 
 
