@@ -55,7 +55,9 @@ def engine_kwargs(model: str | os.PathLike, *, max_model_len: int = 2048, **over
     """Keyword arguments for `vllm.LLM` (and, spelled as flags, for the OpenAI server)."""
     kwargs: dict[str, Any] = {"model": str(model), "max_model_len": max_model_len, "trust_remote_code": False}
     if is_cpu_platform():
-        kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=16)
+        # fp32: 3-6x faster than bf16 on these CPUs. 64 sequences: 1.46x the generated tokens/s of 16 on two
+        # cores (SmolLM2-135M, 128 prompts x 192 tokens: 317 vs 217 tok/s); 128 adds only 5%.
+        kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
     kwargs.update(overrides)
     return kwargs
 
