@@ -209,9 +209,15 @@ def test_config_file_flags_override_and_fine_tune(baseline, ds, verifier, tmp_pa
     conf.write_text('lr = 5e-4\nttt-steps = 2\nmax_steps = 2\nverifier_name = "my-org/tiny-llama"\n')
     run = tmp_path / "ft"
     run_train([str(ds), "--verifier", str(verifier), "--out", str(run), "--config", str(conf), "--lr", "2e-4",
-               "--init-from", str(run0 / "final"), "--no-progress", "--batch-tokens", "160"])  # fmt: skip
+               "--init-from", str(run0 / "final"), "--no-progress", "--batch-tokens", "160",
+               "--loss-mask", "all"])  # fmt: skip
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["lr"] == 2e-4 and saved["ttt_steps"] == 2 and saved["init_from"]
+    # --loss-mask all: the same first row as the baseline's, every position in the loss (prompts too),
+    # validation still on the dataset's mask.
+    first, ref = train_lines(run)[0], train_lines(run0)[0]
+    assert first["tokens"] == ref["tokens"] and 0 < ref["supervised"] < first["supervised"]
+    assert train_lines(run, "val")[0]["chains"] == train_lines(run0, "val")[0]["chains"]
     cfg, _ = read_config(run / "final")
     assert (
         cfg.speculative_tokens == 2 and cfg.draft_vocab_size == 256

@@ -238,6 +238,7 @@ def _floats(ctx, param, value):
 @click.option("--val-fraction", type=float, default=None, help="Share of samples held out. [default: 0.05]")
 @click.option("--max-val-samples", type=int, default=None, help="[default: 256]")
 @click.option("--noise", type=float, default=None, help="Uniform noise U(-x, x) on the auxiliary hidden states. [default: 0]")  # fmt: skip
+@click.option("--loss-mask", type=click.Choice(["dataset", "all"]), default=None, help="Positions trained on: the dataset's loss mask (assistant turns) or all; the target is the verifier's distribution at each, so prompts the target wrote (spec synth) teach too. Validation uses the dataset's mask. [default: dataset]")  # fmt: skip
 @click.option("--seed", type=int, default=None, help="[default: 0]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate. [default: 1e-3]")
 @click.option(

@@ -56,6 +56,10 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     val_fraction: float = 0.05
     max_val_samples: int = 256
     noise: float = 0.0  # uniform noise U(-noise, noise) added to the auxiliary hidden states
+    # Training positions: the dataset's loss mask (assistant turns), or all. The loss target is the
+    # verifier's own distribution at each position, so prompts the target wrote itself (spec synth) teach
+    # too. Validation always counts the dataset's mask.
+    loss_mask: Literal["dataset", "all"] = "dataset"
     seed: int = 0
 
     # --- optimiser and schedule (AdamW, fp32 master weights and state)

@@ -346,12 +346,15 @@ def train(cfg: TrainConfig) -> Path:
         for r in range(d.world):
             for gr in step_rows(step, r, d.world, cfg.grad_accum):
                 mask, pos = loader.token_view(stream.row(gr))
+                mask = torch.ones_like(mask) if cfg.loss_mask == "all" else mask
                 counts += supervised_slots(mask, pos, cfg.ttt_steps).sum(-1)
         scale = (torch.tensor(weights) / counts.clamp(min=1) * d.world).to(d.device)
         stats = torch.zeros(3, cfg.ttt_steps, device=d.device)
         step_tokens = 0
         for m in range(cfg.grad_accum):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
+            if cfg.loss_mask == "all":
+                batch["loss_mask"] = torch.ones_like(batch["loss_mask"])
             step_tokens += batch["input_ids"].shape[0]
             distributed.sync_gradients(model, m == cfg.grad_accum - 1)
             loss, s = model(batch, scale, dtype)
@@ -385,6 +388,7 @@ def train(cfg: TrainConfig) -> Path:
             e, _ = stream.locate(step * G)
             log.write({"split": "train", "step": done, "epoch": e, "lr": lr, "loss": loss_value, "loss_steps": per,
                        "acc_steps": acc, "grad_norm": float(grad_norm), "tokens": tokens_done,
+                       "supervised": int(counts[0]),  # positions in this step's loss (TTT step 0)
                        "tokens_per_s": tok.item() / dt, "elapsed_s": elapsed0 + time.time() - t_start})  # fmt: skip
         val_len = None
         if done % eval_every == 0 or done % save_every == 0 or done == total:
