@@ -169,14 +169,15 @@ def layer_indices(ds: Dataset, aux_ids: list[int] | None, verifier_dir: str | Pa
 
 class RowLoader:
     """Builds the tensors of rows of a dataset. hidden[:, aux_idx] (in the draft's aux-layer order) are the
-    fc inputs; hidden[:, last_idx] is the verifier's last layer before its final norm."""
+    fc inputs; hidden[:, last_idx] is the verifier's last layer before its final norm. With all_positions
+    every position is in the loss mask (training with --loss-mask all; evaluation keeps the dataset's)."""
 
     def __init__(
         self, path: str | Path, aux_idx: list[int], last_idx: int, noise: float = 0.0, seed: int = 0,
-        dataset: Dataset | None = None,
+        dataset: Dataset | None = None, all_positions: bool = False,
     ):  # fmt: skip
         self.path, self.aux_idx, self.last_idx, self.noise, self.seed = path, aux_idx, last_idx, noise, seed
-        self._ds = dataset
+        self._ds, self.all_positions = dataset, all_positions
 
     @property
     def ds(self) -> Dataset:
@@ -198,7 +199,7 @@ class RowLoader:
         for i, n in row:
             raw = self.ds.raw(i)
             ids.append(torch.from_numpy(raw.token_ids[:n].astype(np.int64)))
-            mask.append(torch.from_numpy(raw.loss_mask[:n].copy()))
+            mask.append(self._mask(raw.loss_mask[:n]))
             pos.append(torch.arange(n))
             hid.append(self._hidden(i, n))
         h = torch.cat(hid)
@@ -216,8 +217,13 @@ class RowLoader:
 
     def token_view(self, row: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss_mask [T], position_ids [T]) of a row, without reading hidden states."""
-        mask = [torch.from_numpy(self.ds.raw(i).loss_mask[:n].copy()) for i, n in row]
+        mask = [self._mask(self.ds.raw(i).loss_mask[:n]) for i, n in row]
         return torch.cat(mask), torch.cat([torch.arange(n) for _, n in row])
+
+    def _mask(self, loss_mask: np.ndarray) -> torch.Tensor:
+        if self.all_positions:
+            return torch.ones(len(loss_mask), dtype=torch.bool)
+        return torch.from_numpy(loss_mask.copy())
 
 
 class StreamDataset(torch.utils.data.Dataset):

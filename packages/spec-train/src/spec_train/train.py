@@ -248,7 +248,10 @@ def train(cfg: TrainConfig) -> Path:
     val_rows = [val_rows.row(i) for i in range(min(len(val_rows), cfg.max_eval_rows))]
     first = stream.epoch(0)
     train_eval_rows = [first.row(i) for i in range(min(len(first), max(1, len(val_rows)), cfg.max_eval_rows))]
-    loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed)
+    loader = RowLoader(
+        cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed, all_positions=cfg.loss_mask == "all"
+    )
+    eval_loader = RowLoader(cfg.dataset, aux_idx, last_idx)  # no noise, the dataset's loss mask
     weights = config_mod.step_weights(cfg)
     _say(d, f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
@@ -346,15 +349,12 @@ def train(cfg: TrainConfig) -> Path:
         for r in range(d.world):
             for gr in step_rows(step, r, d.world, cfg.grad_accum):
                 mask, pos = loader.token_view(stream.row(gr))
-                mask = torch.ones_like(mask) if cfg.loss_mask == "all" else mask
                 counts += supervised_slots(mask, pos, cfg.ttt_steps).sum(-1)
         scale = (torch.tensor(weights) / counts.clamp(min=1) * d.world).to(d.device)
         stats = torch.zeros(3, cfg.ttt_steps, device=d.device)
         step_tokens = 0
         for m in range(cfg.grad_accum):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
-            if cfg.loss_mask == "all":
-                batch["loss_mask"] = torch.ones_like(batch["loss_mask"])
             step_tokens += batch["input_ids"].shape[0]
             distributed.sync_gradients(model, m == cfg.grad_accum - 1)
             loss, s = model(batch, scale, dtype)
@@ -393,11 +393,11 @@ def train(cfg: TrainConfig) -> Path:
         val_len = None
         if done % eval_every == 0 or done % save_every == 0 or done == total:
             if val_rows:
-                r = evaluate(model, val_rows, loader, cfg, d, dtype, weights, with_loss=True)
+                r = evaluate(model, val_rows, eval_loader, cfg, d, dtype, weights, with_loss=True)
                 val_len = r["acceptance_length"]
                 if d.main:
                     log.write({"split": "val", "step": done, **r})
-            r = evaluate(model, train_eval_rows, loader, cfg, d, dtype, weights, with_loss=False)
+            r = evaluate(model, train_eval_rows, eval_loader, cfg, d, dtype, weights, with_loss=False)
             if d.main:
                 log.write({"split": "train_eval", "step": done, **r})
                 shown = val_len if val_len is not None else r["acceptance_length"]
