@@ -255,14 +255,16 @@ def synthesize(
     stats = stats if stats is not None else SynthStats()
     max_attempts = opt.max_attempts or 20 * n + 100
     markup = tuple(t for t in renderer.tok.all_special_tokens if t) + (SENTINEL,)
-    prefixes: dict[str | None, list[int]] = {}
+    prefixes: dict[tuple[str | None, str], list[int]] = {}
 
-    def prefix_ids(topic: str | None) -> list[int]:
-        if topic not in prefixes:
+    def prefix_ids(topic: str | None, opener: str = "") -> list[int]:
+        """The template's user-turn prefix (with the topic's system message), then the opener's tokens."""
+        if (topic, opener) not in prefixes:
             system = TOPIC_SYSTEM.format(topic=topic) if topic is not None else None
-            text = user_turn_prefix(renderer, system)
-            prefixes[topic] = renderer.tok(text, add_special_tokens=False)["input_ids"]
-        return prefixes[topic]
+            ids = renderer.tok(user_turn_prefix(renderer, system), add_special_tokens=False)["input_ids"]
+            opener_ids = renderer.tok(opener, add_special_tokens=False)["input_ids"] if opener else []
+            prefixes[topic, opener] = ids + opener_ids
+        return prefixes[topic, opener]
 
     def attempt(i: int):
         topic = topics[i % len(topics)] if topics else None
@@ -275,8 +277,7 @@ def synthesize(
             stop_token_ids=renderer.end_ids,
             detokenize=False,
         )
-        opener_ids = renderer.tok(opener, add_special_tokens=False)["input_ids"] if opener else []
-        out = yield prefix_ids(topic) + opener_ids, params
+        out = yield prefix_ids(topic, opener), params
         return topic, opener, out.outputs[0]
 
     if n <= 0:
