@@ -155,6 +155,16 @@ def test_capture_refuses_an_engine_without_capture(capture_llm):
 
 
 @pytest.mark.e2e
+def test_capture_engine_keeps_its_own_process(capture_llm):
+    """On a CPU, engines run inside the caller's process (runtime.make_llm), but the capture engine hangs
+    there: it must keep vLLM's engine-core process."""
+    from vllm.v1.engine.core_client import InprocClient, MPClient
+
+    assert isinstance(capture_llm.llm_engine.engine_core, MPClient)
+    assert not isinstance(capture_llm.llm_engine.engine_core, InprocClient)
+
+
+@pytest.mark.e2e
 def test_moe_target_through_the_same_path(vllm_engine, tiny_model, tmp_path_factory, make_conversations):
     """A tiny random Qwen3-MoE: same engine settings, same capture code, same agreement with transformers."""
     import torch
