@@ -65,3 +65,37 @@ def test_no_gradient_work_without_grad():
             normed, weight, torch.randn(T, H), Head(torch.randn(V, H)), valid, torch.ones(S), 4
         )
     assert not loss.requires_grad and stats[2].tolist() == [6, 6]
+
+
+def test_padded_rows_give_the_same_loss_and_gradients(tiny_model, tiny_dataset):
+    """RowLoader(pad_multiple=...) (CPU bf16 training) appends an unsupervised padding document: the loss,
+    its statistics and the gradients of every parameter are those of the unpadded row."""
+    import numpy as np
+
+    from spec_format.dataset import Dataset
+    from spec_models import init_eagle3_from_verifier
+    from spec_train.data import RowLoader, layer_indices
+    from spec_train.loss import Objective
+    from spec_train.targets import VerifierHead
+
+    verifier, ds = tiny_model("llama"), Dataset(tiny_dataset("llama"))
+    aux_idx, last_idx = layer_indices(ds, None, verifier)
+    draft = init_eagle3_from_verifier(verifier, aux_layer_ids=[ds.manifest.layer_ids[i] for i in aux_idx])
+    head = VerifierHead(verifier, np.arange(draft.spec.draft_vocab))
+    objective = Objective(draft, head, steps=3, kind="kl", chunk=64, attn="sdpa")
+    row = [(0, int(ds.lengths[0])), (1, int(ds.lengths[1]))]
+    results = []
+    for pad in (None, 128):
+        batch = RowLoader(ds.path, aux_idx, last_idx, dataset=ds, pad_multiple=pad).load(row)
+        draft.zero_grad()
+        loss, stats = objective(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+        results.append((batch["input_ids"].shape[0], loss.detach(), stats, grads))
+    (n0, loss0, stats0, grads0), (n1, loss1, stats1, grads1) = results
+    assert n0 % 128 != 0 and n1 % 128 == 0 and n1 > n0
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats1[2], stats0[2])  # the same counted slots: padding is never supervised
+    assert grads0.keys() == grads1.keys() and "fc.weight" in grads0
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)

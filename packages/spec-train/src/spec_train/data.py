@@ -170,14 +170,17 @@ def layer_indices(ds: Dataset, aux_ids: list[int] | None, verifier_dir: str | Pa
 class RowLoader:
     """Builds the tensors of rows of a dataset. hidden[:, aux_idx] (in the draft's aux-layer order) are the
     fc inputs; hidden[:, last_idx] is the verifier's last layer before its final norm. With all_positions
-    every position is in the loss mask (training with --loss-mask all; evaluation keeps the dataset's)."""
+    every position is in the loss mask (training with --loss-mask all; evaluation keeps the dataset's).
+    With pad_multiple, a row ends in a padding document (zeros, outside the loss mask) up to a multiple of
+    that many tokens: rows then come in a few shapes, which CPU bf16 kernels need (oneDNN compiles a kernel
+    for each new matrix shape, and rows of every length made bf16 slower than fp32)."""
 
     def __init__(
         self, path: str | Path, aux_idx: list[int], last_idx: int, noise: float = 0.0, seed: int = 0,
-        dataset: Dataset | None = None, all_positions: bool = False,
+        dataset: Dataset | None = None, all_positions: bool = False, pad_multiple: int | None = None,
     ):  # fmt: skip
         self.path, self.aux_idx, self.last_idx, self.noise, self.seed = path, aux_idx, last_idx, noise, seed
-        self._ds, self.all_positions = dataset, all_positions
+        self._ds, self.all_positions, self.pad_multiple = dataset, all_positions, pad_multiple
 
     @property
     def ds(self) -> Dataset:
@@ -207,12 +210,20 @@ class RowLoader:
         if self.noise and noise_key is not None:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + noise_key)
             aux = aux + (torch.rand(aux.shape, generator=gen) * 2 - 1) * self.noise
+        last = h[:, self.last_idx]
+        pad = (-h.shape[0]) % self.pad_multiple if self.pad_multiple else 0
+        if pad:  # a document of its own (positions from 0), never supervised
+            ids.append(torch.zeros(pad, dtype=torch.int64))
+            mask.append(torch.zeros(pad, dtype=torch.bool))
+            pos.append(torch.arange(pad))
+            aux = torch.cat([aux, aux.new_zeros(pad, aux.shape[1])])
+            last = torch.cat([last, last.new_zeros(pad, last.shape[1])])
         return {
             "input_ids": torch.cat(ids),
             "loss_mask": torch.cat(mask),
             "position_ids": torch.cat(pos),
             "aux": aux,
-            "last": h[:, self.last_idx].contiguous(),
+            "last": last.contiguous(),
         }
 
     def token_view(self, row: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,13 @@ from spec_train.offline import ttt_counts
 from spec_train.targets import VerifierHead
 
 
+def _bucket(x: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """x [m, ...] padded with zero rows to a multiple of `multiple` rows: the selected slots vary per row,
+    and a CPU bf16 matmul compiles a kernel for every new shape (oneDNN), so the shapes are bucketed."""
+    pad = (-x.shape[0]) % multiple
+    return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+
+
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, normed, weight, t_normed, t_weight, valid, scale, chunk, kind, dtype, need_grad):
@@ -52,7 +59,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if not len(pos):
                 continue
             row_of = torch.cumsum(need.long(), 0) - 1  # position - p0 -> row of the chunk's target logits
-            t_logits = (t_normed[p0 + pos].to(dtype) @ tw.T).float()  # [n, Vd]
+            t_logits = (_bucket(t_normed[p0 + pos]).to(dtype) @ tw.T).float()  # [n (padded), Vd]
             t_logp = torch.log_softmax(t_logits, -1)
             t_top = t_logits.argmax(-1)
             del t_logits
@@ -61,8 +68,9 @@ class _ChunkedLoss(torch.autograd.Function):
                 if not len(t):
                     continue
                 rows = row_of[t + 1 + j - p0]
-                x = normed[j, t].detach().to(dtype)  # [m, H]
-                logq = torch.log_softmax((x @ w.T).float(), -1)  # [m, Vd]
+                m = len(t)
+                x = _bucket(normed[j, t].detach().to(dtype))  # [m (padded), H]
+                logq = torch.log_softmax((x @ w.T).float(), -1)[:m]  # [m, Vd]
                 top = t_top[rows]
                 if kind == "kl":
                     logp = t_logp[rows]
@@ -81,8 +89,8 @@ class _ChunkedLoss(torch.autograd.Function):
                         g -= p
                     else:
                         g[torch.arange(len(t), device=g.device), top] -= 1
-                    g = (g * scale[j]).to(dtype)
-                    grad_normed[j, t] = (g @ w).float()
+                    g = _bucket((g * scale[j]).to(dtype))  # padded rows are zero: no gradient
+                    grad_normed[j, t] = (g @ w).float()[:m]
                     if need_w:
                         grad_weight += (g.T @ x).float()
         ctx.save_for_backward(grad_normed, grad_weight)
