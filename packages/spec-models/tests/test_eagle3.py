@@ -207,3 +207,45 @@ def test_bf16_cast_keeps_rotary_frequencies_fp32(verifier):
     model.to(torch.bfloat16)
     assert model.fc.weight.dtype == torch.bfloat16
     assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, inv)
+
+
+@pytest.mark.parametrize("arch,num_layers", [("llama", 1), ("llama", 2), ("qwen3", 1)])
+def test_layers_from_verifier_start_as_the_verifiers_next_layers(tiny_model, arch, num_layers):
+    """layers_from_verifier: fc passes the deepest aux state a through and the draft's layers are the
+    verifier's layers a, a+1, ..: at step 0 the draft's hidden output is the verifier's state entering
+    layer a + num_layers, whatever the input tokens (the embedding half of q/k/v starts at zero)."""
+    from transformers import AutoModelForCausalLM
+
+    from spec_models.ops import attend
+
+    vdir = tiny_model(arch)
+    draft = init_eagle3_from_verifier(vdir, num_layers=num_layers, layers_from_verifier=True).eval()
+    hf = AutoModelForCausalLM.from_pretrained(vdir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    T = 40
+    ids = torch.randint(0, 1000, (1, T), generator=g)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        states = hf(ids, output_hidden_states=True).hidden_states  # [i]: the state entering layer i
+        aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
+        aux = torch.cat([states[i] for i in aux_ids], dim=-1)
+        step_ids = torch.randint(0, 1000, (1, T), generator=g)  # any tokens: their half starts at zero
+        _, hidden = draft(
+            step_ids, draft.combine(aux), torch.arange(T)[None], lambda i, q, k, v: attend(q, k, v, causal)
+        )
+    want = states[max(aux_ids) + num_layers]
+    torch.testing.assert_close(hidden, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # Without the option the same draft starts elsewhere: the check above can fail.
+    plain = init_eagle3_from_verifier(vdir, num_layers=num_layers).eval()
+    with torch.no_grad():
+        _, other = plain(
+            step_ids, plain.combine(aux), torch.arange(T)[None], lambda i, q, k, v: attend(q, k, v, causal)
+        )
+    assert not torch.allclose(other, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_layers_from_verifier_needs_verifier_layers_after_the_aux_layers(verifier):
+    with pytest.raises(SpecError, match="leaves fewer than"):
+        init_eagle3_from_verifier(
+            verifier(), aux_layer_ids=[2, 4, 7], num_layers=2, layers_from_verifier=True
+        )

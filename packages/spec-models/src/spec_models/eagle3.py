@@ -30,7 +30,7 @@ from spec_format.vocab import VocabMapping
 from spec_models.layers import AttentionFn, DecoderLayer
 from spec_models.ops import RMSNorm, add_rms_norm, rope_cos_sin, rope_inv_freq
 from spec_models.registry import register_draft
-from spec_models.verifier import EMBED_NAMES, LM_HEAD_NAMES, NORM_NAMES, read_verifier_tensors
+from spec_models.verifier import EMBED_NAMES, LM_HEAD_NAMES, NORM_NAMES, layer_names, read_verifier_tensors
 
 
 class Eagle3Spec(msgspec.Struct, frozen=True):
@@ -194,6 +194,7 @@ def init_eagle3_from_verifier(
     name_or_path: str | None = None,
     provenance: dict | None = None,
     seed: int = 0,
+    layers_from_verifier: bool = False,
     **layer_overrides,
 ) -> Eagle3Draft:
     """A new EAGLE-3 draft for the verifier in `verifier_dir` (a Hugging Face model directory).
@@ -204,7 +205,9 @@ def init_eagle3_from_verifier(
     verifier's (spec_format.algorithms.draft_layer_config; `layer_overrides` change any key). The norm
     flags are the speculators format's (vLLM honours all four; see docs/algorithms/eagle3.md). Other
     weights: N(0, 0.02), norms 1. `aux_layer_ids` default to EAGLE-3's (2, L/2, L-3) in vLLM's
-    capture-id convention. Only embeddings, lm_head and the final norm are read from the verifier.
+    capture-id convention. Only embeddings, lm_head and the final norm are read from the verifier, and,
+    with `layers_from_verifier`, the decoder layers that follow the deepest aux layer (see
+    `_layers_from_verifier`).
     """
     vcfg = read_model_config(verifier_dir)
     info = fingerprint_model_dir(verifier_dir, name_or_path=name_or_path)
@@ -245,4 +248,54 @@ def init_eagle3_from_verifier(
             model.norm.weight.copy_(torch.tensor(found["norm"]))
         if vocab_mapping is not None:
             model.d2t.copy_(torch.from_numpy(vocab_mapping.d2t))
+    if layers_from_verifier:
+        _layers_from_verifier(model, verifier_dir, info.num_hidden_layers)
     return model
+
+
+@torch.no_grad()
+def _layers_from_verifier(model: Eagle3Draft, verifier_dir: str | Path, num_verifier_layers: int) -> None:
+    """Start the draft as the verifier's own continuation of its deepest aux state a (capture id a: the
+    state entering verifier layer a). fc passes that state through (the other aux blocks start at zero)
+    and draft layer i is verifier layer a + i; layer 0's q/k/v hold the verifier's weights on the hidden
+    half of their [embeds, hidden] input and zeros on the embedding half, and its hidden_norm is the
+    verifier layer's input norm. At step 0 the draft then computes what verifier layers a.. compute
+    (a prediction of the token it is given, through the verifier's final norm and lm_head), and training
+    moves it one token further. On the quick start's data this reached a lower loss from the first steps
+    than N(0, 0.02) weights (docs/eval.md)."""
+    ids = list(model.config.eagle_aux_hidden_state_layer_ids or [])
+    a = max(ids)
+    if a + len(model.layers) > num_verifier_layers:
+        raise SpecError(
+            f"layers_from_verifier: the deepest aux layer {a} leaves fewer than {len(model.layers)} verifier "
+            f"layers after it ({num_verifier_layers} in all)"
+        )
+    H = model.spec.hidden
+    wanted = {}
+    for i, layer in enumerate(model.layers):
+        for name, _ in layer.named_parameters():
+            src = "input_layernorm.weight" if name == "hidden_norm.weight" else name
+            if i == 0 and name == "input_layernorm.weight":
+                continue  # layer 0's input norm reads embeddings, which the verifier's layer a never sees
+            wanted[f"{i}.{name}"] = layer_names(a + i, src)
+    found = read_verifier_tensors(verifier_dir, wanted)
+    for key, names in wanted.items():
+        i, name = key.split(".", 1)
+        param = model.layers[int(i)].get_parameter(name)
+        if key not in found:
+            raise SpecError(f"{verifier_dir}: no tensor {names[0]} to start draft layer {i} from")
+        w = torch.tensor(found[key])
+        if i == "0" and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            param.zero_()
+            target = param[:, H:]  # the hidden half of cat([embeds, hidden])
+        else:
+            target = param
+        if target.shape != w.shape:
+            raise SpecError(
+                f"layers_from_verifier: draft tensor layers.{key} {tuple(target.shape)} does not match the "
+                f"verifier's {names[0]} {tuple(w.shape)}; keep the verifier's layer shapes"
+            )
+        target.copy_(w)
+    block = ids.index(a) * model.spec.target_hidden
+    model.fc.weight.zero_()
+    model.fc.weight[:, block : block + model.spec.target_hidden] = torch.eye(H, model.spec.target_hidden)

@@ -22,6 +22,11 @@ NORM_NAMES = tuple(p + "norm.weight" for p in _PREFIXES)
 LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight", "model.language_model.lm_head.weight")
 
 
+def layer_names(index: int, name: str) -> tuple[str, ...]:
+    """Where decoder layer `index`'s tensor `name` (e.g. "mlp.up_proj.weight") may live."""
+    return tuple(f"{p}layers.{index}.{name}" for p in _PREFIXES)
+
+
 def _weight_files(model_dir: Path) -> dict[str, Path]:
     """{tensor name: file holding it}."""
     index = model_dir / "model.safetensors.index.json"

@@ -213,6 +213,7 @@ def _floats(ctx, param, value):
 @click.option("--algorithm", type=click.Choice(["eagle3"]), default=None, help="[default: eagle3]")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Fine-tune this draft directory instead of starting from the verifier.")  # fmt: skip
 @click.option("--num-layers", type=int, default=None, help="Draft decoder layers. [default: 1]")
+@click.option("--layer-init", type=click.Choice(["verifier", "random"]), default=None, help="Start the draft's layers as the verifier's layers after its deepest aux layer (fc passing that state through), or from N(0, 0.02). [default: verifier]")  # fmt: skip
 @click.option(
     "--layer-type",
     type=click.Choice(["llama", "qwen3"]),
@@ -247,7 +248,7 @@ def _floats(ctx, param, value):
 @click.option("--warmup-steps", type=int, default=None, help="[default: 5% of the steps]")
 @click.option("--weight-decay", type=float, default=None, help="[default: 0]")
 @click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off. [default: 1]")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default=None, help="Compute precision (weights and optimiser state stay fp32). [default: auto: bf16 on GPUs, fp32 on CPUs]")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default=None, help="Compute precision (weights and optimiser state stay fp32). [default: auto: bf16 on GPUs and CPUs with AMX, else fp32]")  # fmt: skip
 @click.option("--attn", type=click.Choice(["sdpa", "flex"]), default=None, help="[default: sdpa]")
 @click.option(
     "--fsdp/--no-fsdp", default=None, help="FSDP2 instead of DDP with several processes. [default: off]"

@@ -32,6 +32,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # --- draft model
     num_layers: int = 1
+    # "verifier": the draft's layers start as the verifier's layers after its deepest aux layer, with fc
+    # passing that state through (spec_models.eagle3._layers_from_verifier); "random": N(0, 0.02).
+    layer_init: Literal["verifier", "random"] = "verifier"
     layer_type: Literal["llama", "qwen3"] | None = None  # default: from the verifier's family
     ttt_steps: int = 3  # TTT depth; also the checkpoint's speculative_tokens (vLLM's default k)
     draft_vocab_size: int | None = None  # default min(32768, target vocab)
@@ -71,7 +74,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     grad_clip: float = 1.0
 
     # --- compute
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast: auto = bf16 on GPUs, fp32 on CPUs
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast: auto = bf16 on GPUs and AMX CPUs, else fp32
     attn: Literal["sdpa", "flex"] = "sdpa"
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when several processes run
     world_size: int = 1  # filled in at start-up from torchrun's environment
