@@ -249,3 +249,16 @@ def test_layers_from_verifier_needs_verifier_layers_after_the_aux_layers(verifie
         init_eagle3_from_verifier(
             verifier(), aux_layer_ids=[2, 4, 7], num_layers=2, layers_from_verifier=True
         )
+
+
+def test_layers_from_verifier_of_an_moe_target_keeps_the_dense_mlp_random(tiny_model):
+    """An MoE verifier layer has experts, not one dense MLP: attention and norms are copied, the draft's
+    MLP keeps its N(0, 0.02) start."""
+    vdir = tiny_model("qwen3_moe")
+    draft = init_eagle3_from_verifier(vdir, layers_from_verifier=True)
+    plain = init_eagle3_from_verifier(vdir)  # same seed: the same random weights
+    a = max(draft.config.eagle_aux_hidden_state_layer_ids)
+    ref = load_tensors(vdir / "model.safetensors")
+    o_proj = torch.tensor(ref[f"model.layers.{a}.self_attn.o_proj.weight"])
+    assert torch.equal(draft.layers[0].self_attn.o_proj.weight, o_proj)
+    assert torch.equal(draft.layers[0].mlp.up_proj.weight, plain.layers[0].mlp.up_proj.weight)
