@@ -268,7 +268,8 @@ def train(cfg: TrainConfig) -> Path:
     weights = config_mod.step_weights(cfg)
     _say(d, f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
-            f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}")  # fmt: skip
+            f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}, "
+            f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} compute")  # fmt: skip
 
     # --- model
     draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
