@@ -121,7 +121,7 @@ def vllm_engine():
         while len(live) >= MAX_LIVE_ENGINES:
             _, old = live.popitem(last=False)
             shutdown_llm(old)
-        live[key] = make_llm(model, **kwargs)
+        live[key] = make_llm(model, in_process=True, **kwargs)  # starts in seconds; capture keeps its own
         return live[key]
 
     yield get

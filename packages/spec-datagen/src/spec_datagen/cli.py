@@ -528,7 +528,6 @@ def synth(
     )
     llm = make_llm(
         target,
-        in_process=False,  # a long batch job: faster with the engine in its own process
         max_model_len=max_model_len or _default_context(target),
         **_parse_json(engine_kwargs, "--engine-kwargs"),
     )

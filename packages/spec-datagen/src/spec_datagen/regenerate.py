@@ -314,8 +314,7 @@ class Regenerator:
         if llm is None:
             from spec_datagen.runtime import make_llm
 
-            # A long batch job: faster with the engine in its own process (runtime.make_llm).
-            llm = make_llm(model, in_process=False, max_model_len=max_model_len, **(engine_kwargs or {}))
+            llm = make_llm(model, max_model_len=max_model_len, **(engine_kwargs or {}))
         self.llm = llm
         self.max_model_len = llm.llm_engine.vllm_config.model_config.max_model_len
 
