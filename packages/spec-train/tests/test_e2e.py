@@ -65,8 +65,11 @@ def trained(demo_model, vllm_engine, capture_dataset, run_train, tmp_path_factor
 def test_training_lowers_loss_and_raises_acceptance(trained, demo_model):
     lines = [json.loads(x) for x in Path(trained.run, "metrics.jsonl").read_text().splitlines()]
     val = [x for x in lines if x["split"] == "val"]
-    assert val[-1]["loss"] < 0.8 * val[0]["loss"], [x["loss"] for x in val]
-    assert val[-1]["acceptance_length"] > 1.2, [x["acceptance_length"] for x in val]
+    # The draft starts as the target's layer 27 (--layer-init verifier), so the first evaluation (step 16)
+    # is already far below a random start's loss; from there the loss falls at every evaluation.
+    losses, lengths = [x["loss"] for x in val], [x["acceptance_length"] for x in val]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+    assert lengths[-1] > max(1.2, lengths[0] + 0.05), lengths
 
     # The offline estimate by KV-cache drafting (spec-models) on the validation samples counts the same
     # chains as the TTT estimate the trainer logged for the same weights, and agrees with it.
