@@ -43,7 +43,7 @@ def run_one(data: Path, which: str, steps: int, batch_tokens: int, draft_vocab: 
     from spec_format.dataset import Dataset
     from spec_format.vocab import build_vocab_mapping
     from spec_models import forward_ttt, init_eagle3_from_verifier, ttt_input_ids
-    from spec_train.data import RowLoader, Stream, layer_indices, supervised_slots
+    from spec_train.data import RowLoader, Stream, layer_indices, row_pad_multiple, supervised_slots
     from spec_train.loss import Objective
     from spec_train.targets import VerifierHead
 
@@ -60,7 +60,7 @@ def run_one(data: Path, which: str, steps: int, batch_tokens: int, draft_vocab: 
     dtype = torch.bfloat16 if which == "ours-bf16" else torch.float32
     head.to(dtype=dtype)
     stream = Stream(np.arange(len(ds)), ds.lengths, batch_tokens, 0)
-    loader = RowLoader(data, aux_idx, last_idx, pad_multiple=128 if dtype == torch.bfloat16 else None)
+    loader = RowLoader(data, aux_idx, last_idx, pad_multiple=row_pad_multiple(torch.device("cpu"), dtype))
     weights = torch.tensor([0.8**j for j in range(3)])
     weights /= weights.sum()
 

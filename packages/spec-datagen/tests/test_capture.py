@@ -156,8 +156,8 @@ def test_capture_refuses_an_engine_without_capture(capture_llm):
 
 @pytest.mark.e2e
 def test_capture_engine_keeps_its_own_process(capture_llm):
-    """On a CPU, engines run inside the caller's process (runtime.make_llm), but the capture engine hangs
-    there: it must keep vLLM's engine-core process."""
+    """The test fixture asks for in-process engines (runtime.make_llm(in_process=True)), but the capture
+    engine hangs there: it must keep vLLM's engine-core process."""
     from vllm.v1.engine.core_client import InprocClient, MPClient
 
     assert isinstance(capture_llm.llm_engine.engine_core, MPClient)

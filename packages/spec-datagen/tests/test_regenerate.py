@@ -167,8 +167,8 @@ def regen(vllm_engine, demo_model):
 
 @pytest.mark.e2e
 def test_cpu_engine_runs_in_this_process(regen):
-    """runtime.make_llm on a CPU: the engine lives in the caller's process (starts in seconds, not a
-    minute), with torch on every core."""
+    """runtime.make_llm(in_process=True) on a CPU (the test fixture's engines): the engine lives in the
+    caller's process (starts in seconds, not a minute), with torch on every core."""
     import os
 
     import torch

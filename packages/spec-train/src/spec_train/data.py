@@ -167,6 +167,12 @@ def layer_indices(ds: Dataset, aux_ids: list[int] | None, verifier_dir: str | Pa
     return [m.layer_ids.index(k) for k in aux_ids], m.layer_ids.index(L)
 
 
+def row_pad_multiple(device: torch.device, dtype: torch.dtype) -> int | None:
+    """RowLoader's pad_multiple for training in `dtype` on `device`: CPU bf16 (AMX) kernels are compiled
+    per matrix shape, so rows are padded to a few lengths there; elsewhere padding is only waste."""
+    return 128 if device.type == "cpu" and dtype == torch.bfloat16 else None
+
+
 class RowLoader:
     """Builds the tensors of rows of a dataset. hidden[:, aux_idx] (in the draft's aux-layer order) are the
     fc inputs; hidden[:, last_idx] is the verifier's last layer before its final norm. With all_positions

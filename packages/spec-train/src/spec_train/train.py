@@ -38,6 +38,7 @@ from spec_train.data import (
     Rows,
     Stream,
     layer_indices,
+    row_pad_multiple,
     split_samples,
     step_rows,
     supervised_slots,
@@ -63,8 +64,8 @@ def _kill_point(where: str, step: int) -> None:
 
 def auto_dtype(device: torch.device) -> torch.dtype:
     """bf16 autocast where the hardware multiplies bf16 natively: GPUs, and CPUs with AMX (bf16 matmuls
-    4-6x fp32's on two Sapphire Rapids cores; a training step 1.75x). fp32 on other CPUs: there bf16 is
-    emulated and slower."""
+    4-6x fp32's on two Sapphire Rapids cores; 25 training steps 1.52x, docs/training.md). fp32 on other
+    CPUs: there bf16 is emulated and slower."""
     if device.type != "cpu":
         return torch.bfloat16
     try:
@@ -260,8 +261,7 @@ def train(cfg: TrainConfig) -> Path:
     val_rows = [val_rows.row(i) for i in range(min(len(val_rows), cfg.max_eval_rows))]
     first = stream.epoch(0)
     train_eval_rows = [first.row(i) for i in range(min(len(first), max(1, len(val_rows)), cfg.max_eval_rows))]
-    # CPU bf16 (AMX) kernels are compiled per matrix shape: rows are padded to a few lengths.
-    pad = 128 if d.device.type == "cpu" and dtype == torch.bfloat16 else None
+    pad = row_pad_multiple(d.device, dtype)
     loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed,
                        all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
     eval_loader = RowLoader(cfg.dataset, aux_idx, last_idx, pad_multiple=pad)  # the dataset's loss mask
