@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from spec_datagen.runtime import cpu_environment, engine_kwargs, is_cpu_platform, record_engine_start
+from spec_format.algorithms import vllm_speculative_config
 from spec_format.checkpoint import read_config
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -38,7 +39,7 @@ def server_command(
     if verifier is None and num_speculative_tokens is None:
         cmd = ["--model", str(draft_dir)]  # vLLM takes the verifier and k from config.json
     else:
-        spec = {"method": cfg.algorithm, "model": str(draft_dir), "num_speculative_tokens": k}
+        spec = vllm_speculative_config(cfg, str(draft_dir), k)
         cmd = ["--model", str(verifier or cfg.verifier_name), "--speculative-config", json.dumps(spec)]
     # The same engine settings as the offline engines (runtime.engine_kwargs), unless the user set them.
     defaults = engine_kwargs(draft_dir)

@@ -54,6 +54,28 @@ def layout_for(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
     return fn(cfg, source)
 
 
+# How vLLM serves each algorithm: the `speculative_config` keys besides model and k. One-pass drafters
+# (P-EAGLE, DFlash) register theirs next to their layout; eval, serve and the quick start read it from
+# here and never name an algorithm themselves.
+SERVING: dict[str, dict] = {}
+
+
+def register_serving(model_type: str, **speculative_config) -> None:
+    SERVING[model_type] = speculative_config
+
+
+def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None = None) -> dict:
+    """vLLM's `speculative_config` serving the draft in `draft_dir` at k draft tokens (default: the
+    checkpoint's own `speculative_tokens`)."""
+    extra = SERVING.get(cfg.speculators_model_type)
+    if extra is None:
+        raise SpecError(
+            f"{draft_dir}/config.json: field 'speculators_model_type': no vLLM method is known for "
+            f"'{cfg.speculators_model_type}' (known: {', '.join(sorted(SERVING))})"
+        )
+    return {**extra, "model": str(draft_dir), "num_speculative_tokens": k or cfg.speculative_tokens}
+
+
 class LayerDims(msgspec.Struct, frozen=True):
     """The draft decoder's dimensions, read from `transformer_layer_config`."""
 
@@ -102,6 +124,9 @@ def layer_dims(cfg: SpeculatorConfig, source: str = "config.json") -> LayerDims:
 
 
 EAGLE3_LAYER_TYPES = ("llama", "qwen3")  # the draft decoders vLLM's EAGLE-3 serves
+
+
+register_serving("eagle3", method="eagle3")
 
 
 @register_layout("eagle3")

@@ -16,6 +16,8 @@ from pathlib import Path
 import msgspec
 
 from spec_datagen.runtime import SpecDecodeCounters, make_llm, shutdown_llm, spec_decode_counters
+from spec_format.algorithms import vllm_speculative_config
+from spec_format.checkpoint import read_config
 
 CONFIGS = ("baseline", "draft", "ngram")
 
@@ -126,7 +128,7 @@ def evaluate(
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     concurrencies = sorted(set(concurrencies))
     baseline, base_out = run_config("baseline", verifier, prompts, params, concurrencies, None)
-    spec = {"method": "eagle3", "model": str(draft_dir), "num_speculative_tokens": k}
+    spec = vllm_speculative_config(read_config(draft_dir)[0], str(draft_dir), k)
     draft, draft_out = run_config("draft", verifier, prompts, params, concurrencies, spec)
     ngram_result = None
     if ngram:
