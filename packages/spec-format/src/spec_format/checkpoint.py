@@ -75,6 +75,9 @@ class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
     fc_norm: bool | None = None
     norm_output: bool | None = None
     embed_requires_grad: bool | None = None
+    # Parallel drafters (P-EAGLE, DFlash): the token id every drafted position after the first reads
+    # (vLLM's `pard_token` / `dflash_config.mask_token_id`).
+    mask_token_id: int | None = None
     # Written by speculators / transformers; accepted and kept, not interpreted.
     architectures: list[str] | None = None
     auto_map: dict[str, Any] | None = None
