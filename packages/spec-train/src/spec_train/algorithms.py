@@ -18,7 +18,10 @@ optimiser, resume, DDP/FSDP2, metrics, checkpoints) is train.py's and shared.
     accept_counts(draft, head, batch, k, attn, dtype) -> (accepted [k], reached [k])
         simulated greedy acceptance over a packed row, for training metrics (one forward).
     offline_counts(draft, head, sample, k) -> (accepted [k], reached [k])
-        the same numbers for one sample computed the way vLLM drafts (KV cache), for `spec eval --offline`.
+        the same numbers for one sample computed the way vLLM drafts (KV cache), for the dataset estimate
+        (offline.estimate_acceptance).
+    propose(draft, next_ids [B, L], aux [B, L, A], lengths [B], k) -> [B, k] target ids
+        greedy proposals exactly as vLLM's drafter makes them (spec eval --offline replays rounds with it).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Algorithm:
     slot_counts: Callable
     accept_counts: Callable
     offline_counts: Callable
+    propose: Callable
 
 
 ALGORITHMS: dict[str, Algorithm] = {}

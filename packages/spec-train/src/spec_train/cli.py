@@ -185,12 +185,15 @@ def _print_summary(result: dict) -> None:
     show_default=True,
     help="Rough time budget on a 2-core CPU; more minutes = more data and training (e.g. 60).",
 )
-def quickstart(out: Path, minutes: float) -> None:
+@click.option("--algorithm", type=click.Choice(BUILTIN), default="eagle3", show_default=True, help="The draft to train (spec train --algorithm).")  # fmt: skip
+def quickstart(out: Path, minutes: float, algorithm: str) -> None:
     """The whole pipeline on the shipped SmolLM2-135M-Instruct: synthesise prompts and replies, capture,
-    train an EAGLE-3 draft, and measure it in vLLM."""
-    from spec_train.quickstart import explain, run
+    train a draft (EAGLE-3 by default), and measure it in vLLM."""
+    import msgspec
 
-    report = run(out, minutes)
+    from spec_train.quickstart import Plan, explain, run
+
+    report = run(out, minutes, msgspec.structs.replace(Plan().scaled(minutes), algorithm=algorithm))
     click.echo(explain(report, out))
 
 

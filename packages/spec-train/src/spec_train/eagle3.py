@@ -14,7 +14,7 @@ from spec_format.dataset import Dataset
 from spec_format.errors import SpecError
 from spec_format.fingerprint import fingerprint_model_dir
 from spec_format.vocab import VocabMapping, build_vocab_mapping
-from spec_models import forward_ttt, ttt_input_ids
+from spec_models import forward_ttt, propose, ttt_input_ids
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
 from spec_train.config import TrainConfig
@@ -123,5 +123,6 @@ register_algorithm(
         slot_counts=slot_counts,
         accept_counts=ttt_counts,
         offline_counts=incremental_counts,
+        propose=propose,
     ),
 )

@@ -136,5 +136,6 @@ register_algorithm(
         slot_counts=slot_counts,
         accept_counts=accept_counts,
         offline_counts=offline_counts,
+        propose=propose_parallel,
     ),
 )
