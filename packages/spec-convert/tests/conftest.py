@@ -296,7 +296,8 @@ def write_speculators_peagle(
     cfg = {
         "architectures": ["PEagleSpeculator"], "draft_vocab_size": draft_vocab, "norm_before_residual": False,
         "mask_token_id": mask_token_id, "embed_requires_grad": True, "para_depths": 8,
-        "down_sample_ratio": 0.7, "down_sample_ratio_min": 0.2, "eagle_aux_hidden_state_layer_ids": [2, 4, 5],
+        "down_sample_ratio": 0.7, "down_sample_ratio_min": 0.2,
+        "eagle_aux_hidden_state_layer_ids": sorted({2, v["num_hidden_layers"] // 2, v["num_hidden_layers"] - 3}),
         "speculators_config": {
             "algorithm": "peagle", "default_proposal_method": "greedy",
             "proposal_methods": [{"accept_tolerance": 0.0, "proposal_type": "greedy", "speculative_tokens": 4, "verifier_accept_k": 1}],
