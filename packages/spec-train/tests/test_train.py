@@ -322,7 +322,7 @@ def test_peagle_fine_tunes_an_eagle3_draft_and_resumes_exactly(baseline, ds, ver
     assert not validate_checkpoint(tmp_path / "a" / "final", verifier).errors
     cfg, _ = read_config(tmp_path / "a" / "final")
     assert cfg.algorithm == "peagle" and cfg.speculative_tokens == 4 and cfg.mask_token_id is not None
-    assert cfg.draft_vocab_size == 256 and "mask_hidden" in weights(tmp_path / "a", 4)
+    assert cfg.draft_vocab_size == 256 and "draft.mask_hidden" in weights(tmp_path / "a", 4)
     assert len(train_lines(tmp_path / "a", "val")[-1]["acceptance"]) == 4
     assert len(train_lines(tmp_path / "a")[-1]["loss_steps"]) == 4
     killed = run_train(args(tmp_path / "b"), env={"SPEC_TRAIN_KILL_AT": "step:3"}, check=False)
