@@ -270,5 +270,8 @@ def train_batches(
             num_workers=num_workers,
             prefetch_factor=2 if num_workers else None,
             persistent_workers=False,
+            # Its own generator: creating the iterator otherwise draws a worker seed from torch's global
+            # one, which a resume has just restored, and shifts every random draw of the steps after it.
+            generator=torch.Generator().manual_seed(0),
         )
     )
