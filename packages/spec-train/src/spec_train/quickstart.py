@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from spec_format.console import say
 from spec_format.errors import SpecError
 
 
@@ -52,7 +53,7 @@ class Plan(msgspec.Struct):
 
 
 def _log(msg: str) -> None:
-    print(f"\n[quickstart] {msg}", file=sys.stderr, flush=True)
+    say(f"\n[quickstart] {msg}")
 
 
 def _spec(*args: str) -> list[str]:

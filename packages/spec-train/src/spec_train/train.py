@@ -26,6 +26,7 @@ import msgspec
 import numpy as np
 import torch
 
+from spec_format.console import say
 from spec_format.dataset import Dataset
 from spec_format.errors import SpecError
 from spec_format.fingerprint import fingerprint_model_dir
@@ -53,7 +54,7 @@ DEFAULT_DRAFT_VOCAB = 32768
 
 def _say(d: distributed.Dist, msg: str) -> None:
     if d.main:
-        print(f"[spec train] {msg}", file=sys.stderr, flush=True)
+        say(msg, "spec train")
 
 
 def _kill_point(where: str, step: int) -> None:
