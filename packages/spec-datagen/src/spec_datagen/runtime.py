@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from spec_format.diagnostics import record_engine_start
+
 
 def is_cpu_platform() -> bool:
     """True when the installed vLLM is the CPU build (or no CUDA device is visible)."""
@@ -65,15 +67,6 @@ def engine_kwargs(model: str | os.PathLike, *, max_model_len: int = 2048, **over
         kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
     kwargs.update(overrides)
     return kwargs
-
-
-def record_engine_start(kind: str) -> None:
-    """Append one line to $SPEC_ENGINE_LOG when set: the test suite counts engine starts (each costs
-    35-50 s on two CPU cores) across its own process and the commands it runs."""
-    log = os.environ.get("SPEC_ENGINE_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()} {kind}\n")
 
 
 _USER_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")

@@ -14,10 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spec_datagen.runtime import cpu_environment, engine_kwargs, is_cpu_platform, record_engine_start
+from spec_datagen.runtime import cpu_environment, engine_kwargs, is_cpu_platform
 from spec_format.algorithms import vllm_speculative_config
 from spec_format.checkpoint import read_config
 from spec_format.console import say
+from spec_format.diagnostics import record_engine_start
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
