@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 
@@ -39,17 +37,81 @@ def _parse_json(value: str | None, what: str) -> dict:
     return parsed
 
 
+def _data_option(what: str):
+    return click.option(
+        "--data",
+        "data",
+        multiple=True,
+        required=True,
+        type=click.Path(exists=True),
+        help=f"{what}: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
+        "datasets.save_to_disk directory (repeat for several; read in the order given).",
+    )
+
+
+def _max_model_len_option(what: str = ""):
+    return click.option(
+        "--max-model-len",
+        default=None,
+        type=click.IntRange(min=16),
+        help=f"Engine context{what} [default: 4096, or the target's own if shorter].",
+    )
+
+
+# Options that several commands share, declared once (click makes a fresh Option per command).
+_on_error_option = click.option(
+    "--on-error",
+    type=click.Choice(["skip", "fail"]),
+    default="skip",
+    show_default=True,
+    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
+)
+_chat_template_option = click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A Jinja chat template file to use instead of the target's own.",
+)
+_chat_template_kwargs_option = click.option(
+    "--chat-template-kwargs",
+    default=None,
+    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
+)
+_engine_kwargs_option = click.option(
+    "--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments."
+)
+_progress_option = click.option("--progress/--no-progress", default=True, show_default=True)
+
+
+def _read_template(path: str | None) -> str | None:
+    from pathlib import Path
+
+    return Path(path).read_text() if path else None
+
+
+def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) -> list[str]:
+    """This command's arguments and options rebuilt from what click parsed (`values` replace some), in
+    declaration order: every option that has a value (defaults spelled out), flags only when they differ
+    from their default. The one source of the argv that datagen records and hands to its jobs."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        value = values.get(param.name, ctx.params[param.name])
+        if param.name in skip or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            argv.append(str(value))
+        elif param.is_flag:
+            if value != param.get_default(ctx):
+                argv.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in value if param.multiple else [value]:
+                argv += [param.opts[0], str(v)]
+    return argv
+
+
 @click.command("datagen")
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Conversations: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
-    "datasets.save_to_disk directory (repeat for several; read in the order given).",
-)
+@_data_option("Conversations")
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset directory to write."
 )
@@ -99,24 +161,9 @@ def _parse_json(value: str | None, what: str) -> dict:
 )
 @click.option("--compress", type=click.Choice(["zstd"]), default=None, help="Compress shards.")
 @click.option("--samples-per-shard", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--on-error",
-    type=click.Choice(["skip", "fail"]),
-    default="skip",
-    show_default=True,
-    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
-)
-@click.option(
-    "--chat-template",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A Jinja chat template file to use instead of the target's own.",
-)
-@click.option(
-    "--chat-template-kwargs",
-    default=None,
-    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
-)
+@_on_error_option
+@_chat_template_option
+@_chat_template_kwargs_option
 @click.option(
     "--rewritten-turns",
     type=click.Choice(["unmask", "error"]),
@@ -140,9 +187,9 @@ def _parse_json(value: str | None, what: str) -> dict:
     help="Engines on this machine, each on its own --tensor-parallel-size GPUs and a share of the rows "
     "(jobs of one dataset; see spec_datagen.parallel).",
 )
-@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
+@_engine_kwargs_option
 @click.option("--force", is_flag=True, help="Start even when the disk looks too small for the estimate.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_progress_option
 def datagen(
     target,
     data,
@@ -169,7 +216,6 @@ def datagen(
 ) -> None:
     """Capture TARGET's hidden states over conversations into a spec-format dataset."""
     import shlex
-    from pathlib import Path
 
     from spec_datagen.capture import validate_layer_ids
     from spec_datagen.pipeline import Capturer, write_dataset
@@ -181,35 +227,24 @@ def datagen(
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
     layer_ids = validate_layer_ids(layer_ids or default_eagle3_layers(n), n)
-    template_text = Path(chat_template).read_text() if chat_template else None
-    # Everything that decides the dataset's content, with defaults spelled out (recorded in the manifest).
-    content = [str(target), *(a for d in data for a in ("--data", str(d))), "--out", str(out_dir),
-               "--layers", ",".join(map(str, layer_ids)), "--max-len", str(max_len), "--long", long_policy,
-               "--dtype", dtype, "--samples-per-shard", str(samples_per_shard), "--on-error", on_error,
-               "--rewritten-turns", rewritten_turns]  # fmt: skip
-    content += ["--max-samples", str(max_samples)] if max_samples else []
-    content += ["--compress", compress] if compress else []
-    content += ["--chat-template", str(chat_template)] if chat_template else []
-    content += ["--chat-template-kwargs", chat_template_kwargs] if chat_template_kwargs else []
+    ctx = click.get_current_context()
+    layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
     if data_parallel_size > 1:
         from spec_datagen.parallel import data_parallel_jobs, run_jobs, visible_devices
 
         jobs = data_parallel_jobs(
             shard_index, num_shards, data_parallel_size, tensor_parallel_size, visible_devices()
         )
-        flags = [
-            f for f, on in (("--resume", resume), ("--force", force), ("--no-progress", not progress)) if on
-        ]
-        extra = ["--engine-kwargs", engine_kwargs] if engine_kwargs else []
-        raise click.exceptions.Exit(
-            run_jobs(jobs, [*content, "--tensor-parallel-size", str(tensor_parallel_size), *extra, *flags])
-        )
-    argv = ["spec", "datagen", *content, "--shard-index", str(shard_index), "--num-shards", str(num_shards)]
+        skip = {"shard_index", "num_shards", "data_parallel_size"}  # each job gets its own shard
+        raise click.exceptions.Exit(run_jobs(jobs, _command_line(ctx, skip, layers=layers)))
+    # The manifest records what decides the dataset's content, not how this run went about it.
+    how = {"resume", "tensor_parallel_size", "data_parallel_size", "engine_kwargs", "force", "progress"}
+    argv = ["spec", "datagen", *_command_line(ctx, how, layers=layers)]
     with Capturer(
         target,
         layer_ids=layer_ids,
         max_len=max_len,
-        chat_template=template_text,
+        chat_template=_read_template(chat_template),
         template_kwargs=template_kwargs,
         rewritten=rewritten_turns,
         tensor_parallel_size=tensor_parallel_size,
@@ -267,12 +302,6 @@ def serve(
     raise click.exceptions.Exit(code)
 
 
-def _default_context(target: str, cap: int = 4096) -> int:
-    from spec_format.fingerprint import read_model_config
-
-    return min(cap, int(read_model_config(target).get("max_position_embeddings") or cap))
-
-
 def _sampling_options(f):
     """--temperature/--top-p/--top-k/--max-tokens/--seed, shared by regenerate and synth --respond."""
     f = click.option("--seed", default=None, type=int, help="Seed of sampled replies [default: 0].")(f)
@@ -295,15 +324,7 @@ def _sampling_options(f):
 
 @click.command("regenerate")
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Conversations or prompts: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
-    "datasets.save_to_disk directory (repeat for several; read in the order given).",
-)
+@_data_option("Conversations or prompts")
 @click.option(
     "--out",
     "out",
@@ -318,33 +339,12 @@ def _sampling_options(f):
 @click.option(
     "--max-rows", default=None, type=click.IntRange(min=1), help="Regenerate only the first N readable rows."
 )
-@click.option(
-    "--max-model-len",
-    default=None,
-    type=click.IntRange(min=16),
-    help="Engine context (prompt + reply); a turn whose prompt does not fit cuts its conversation there "
-    "[default: 4096, or the target's own if shorter].",
-)
-@click.option(
-    "--on-error",
-    type=click.Choice(["skip", "fail"]),
-    default="skip",
-    show_default=True,
-    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
-)
-@click.option(
-    "--chat-template",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A Jinja chat template file to use instead of the target's own.",
-)
-@click.option(
-    "--chat-template-kwargs",
-    default=None,
-    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
-)
-@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_max_model_len_option(" (prompt + reply); a turn whose prompt does not fit cuts its conversation there")
+@_on_error_option
+@_chat_template_option
+@_chat_template_kwargs_option
+@_engine_kwargs_option
+@_progress_option
 def regenerate(
     target,
     data,
@@ -372,6 +372,7 @@ def regenerate(
     from pathlib import Path
 
     from spec_datagen.regenerate import Regenerator, default_sampling, write_regenerated
+    from spec_datagen.runtime import default_context
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
@@ -383,8 +384,8 @@ def regenerate(
     with Regenerator(
         target,
         sampling=sampling,
-        max_model_len=max_model_len or _default_context(target),
-        chat_template=Path(chat_template).read_text() if chat_template else None,
+        max_model_len=max_model_len or default_context(target),
+        chat_template=_read_template(chat_template),
         template_kwargs=template_kwargs,
         engine_kwargs=extra_engine,
     ) as regen:
@@ -449,20 +450,10 @@ def regenerate(
 @click.option(
     "--reply-max-tokens", default=None, type=click.IntRange(min=1), help="With --respond [default: 1024]."
 )
-@click.option(
-    "--max-model-len",
-    default=None,
-    type=click.IntRange(min=16),
-    help="Engine context [default: 4096, or the target's own if shorter].",
-)
-@click.option(
-    "--chat-template",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A Jinja chat template file to use instead of the target's own.",
-)
-@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_max_model_len_option()
+@_chat_template_option
+@_engine_kwargs_option
+@_progress_option
 def synth(
     target,
     n,
@@ -493,29 +484,11 @@ def synth(
     """
     from pathlib import Path
 
-    from spec_datagen.conversations import write_rows
-    from spec_datagen.regenerate import Regenerator, RegenStats, RegenSummary, default_sampling
-    from spec_datagen.runtime import make_llm, shutdown_llm
-    from spec_datagen.synth import (
-        TOPIC_SYSTEM,
-        SynthOptions,
-        SynthStats,
-        read_topics,
-        report_lines,
-        synthesize_with_progress,
-        user_turn_prefix,
-    )
-    from spec_datagen.template import ChatRenderer
+    from spec_datagen.regenerate import default_sampling
+    from spec_datagen.synth import SynthOptions, read_topics, synthesize_to_file
 
     if Path(out).exists():
         raise click.UsageError(f"{out} already exists; remove it or pass another --out")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of generation
-    template_text = Path(chat_template).read_text() if chat_template else None
-    renderer = ChatRenderer.for_model(target, template_text)
-    topic_list = read_topics(topics) if topics else None
-    opener_list = read_topics(openers, "opener") if openers else None
-    # A template that cannot seed topics, or none at all, is refused before the engine starts (a minute).
-    user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topic_list[0]) if topic_list else None)
     options = SynthOptions(
         seed=seed,
         temperature=temperature,
@@ -526,54 +499,29 @@ def synth(
         near_dup=near_dup,
         max_attempts=max_attempts,
     )
-    llm = make_llm(
-        target,
-        max_model_len=max_model_len or _default_context(target),
-        **_parse_json(engine_kwargs, "--engine-kwargs"),
+    replies = (
+        default_sampling(target, temperature=reply_temperature, max_tokens=reply_max_tokens, seed=seed)
+        if respond
+        else None
     )
-    try:
-        stats = SynthStats()
-        convs = synthesize_with_progress(
-            llm,
-            renderer,
-            n,
-            options=options,
-            topics=topic_list,
-            openers=opener_list,
-            stats=stats,
-            progress=progress,
-        )
-        prompts = list(convs)
-        reply_lines: list[str] = []
-        if respond and convs:
-            import time
-
-            regen = Regenerator(
-                target,
-                llm=llm,
-                chat_template=template_text,
-                sampling=default_sampling(
-                    target, temperature=reply_temperature, max_tokens=reply_max_tokens, seed=seed
-                ),
-            )
-            rstats = RegenStats()
-            t0 = time.perf_counter()
-            from tqdm import tqdm
-
-            replies = regen.regenerate(convs, stats=rstats)
-            convs = list(tqdm(replies, total=len(convs), desc="replies", unit="conv", disable=not progress,
-                              file=sys.stderr))  # fmt: skip
-            reply_lines = RegenSummary(
-                rstats, time.perf_counter() - t0, 0, regen.sampling.describe(), out
-            ).lines()
-    finally:
-        shutdown_llm(llm)
-    write_rows(out, convs)
-    for line in report_lines(stats, prompts) + reply_lines:
+    rows, stats, lines = synthesize_to_file(
+        target,
+        out,
+        n,
+        options=options,
+        chat_template=_read_template(chat_template),
+        topics=read_topics(topics) if topics else None,
+        openers=read_topics(openers, "opener") if openers else None,
+        replies=replies,
+        max_model_len=max_model_len,
+        engine_kwargs=_parse_json(engine_kwargs, "--engine-kwargs"),
+        progress=progress,
+    )
+    for line in lines:
         click.echo(line)
-    click.echo(f"written: {len(convs)} rows to {out}")
-    if len(convs) < n:
+    click.echo(f"written: {rows} rows to {out}")
+    if rows < n:
         raise click.ClickException(
-            f"only {len(convs)} of {n} prompts passed the filters in {stats.attempts} attempts (see 'rejected' above); "
+            f"only {rows} of {n} prompts passed the filters in {stats.attempts} attempts (see 'rejected' above); "
             "raise --max-attempts or --temperature, or loosen --near-dup/--min-words"
         )

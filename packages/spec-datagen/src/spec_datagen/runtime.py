@@ -69,6 +69,13 @@ def engine_kwargs(model: str | os.PathLike, *, max_model_len: int = 2048, **over
     return kwargs
 
 
+def default_context(model: str | os.PathLike, cap: int = 4096) -> int:
+    """max_model_len of a generation engine when the user sets none: `cap`, or the target's own if shorter."""
+    from spec_format.fingerprint import read_model_config
+
+    return min(cap, int(read_model_config(model).get("max_position_embeddings") or cap))
+
+
 _USER_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
