@@ -51,17 +51,16 @@ class Origin(msgspec.Struct, frozen=True):
     source_name: Any = None  # Callable[[str], str]; None: the names are the format's
 
 
-class LayerIds(msgspec.Struct):
-    """How a source records its auxiliary layer ids (see layer_ids.resolve_layer_ids): `recorded` in its own
-    `convention` (vLLM id = x + shift) from config `field`, else the project's `default` (vLLM capture
-    ids), whose origin `default_rule` states."""
+class LayerIds(msgspec.Struct, frozen=True):
+    """How a source records its auxiliary layer ids (see layer_ids.resolve_layer_ids): in config `field`,
+    in its own `convention` (vLLM id = x + shift); without them its project uses `default(L)` (vLLM
+    capture ids for an L-layer verifier), which `default_rule` explains."""
 
-    default: list[int]
+    default: Any  # Callable[[int], list[int]]
     default_rule: str
-    recorded: list[int] | None = None
-    shift: int = 0
     field: str = ""
     convention: str = ""
+    shift: int = 0
 
 
 class Draft(msgspec.Struct):
@@ -72,6 +71,7 @@ class Draft(msgspec.Struct):
     lc: dict
     draft_vocab: int
     layers: LayerIds
+    recorded_layers: list[int] | None  # as the source's config holds them (None: it records none)
     flags_how: str
     flags: dict[str, bool] = {}
     renamed: dict[str, str] = {}
@@ -102,11 +102,17 @@ def finish(
 ) -> Converted:
     """Layer ids (--layers, else the source's, else its project's default), k, the vocabulary mapping, the
     config and provenance, and the strict check of every tensor against the format's layout."""
+    rules = draft.layers
     layer_ids, layer_how, layer_problems = resolve_layer_ids(
         override=options.layers,
-        **msgspec.structs.asdict(draft.layers),
+        recorded=list(draft.recorded_layers) if draft.recorded_layers else None,
+        shift=rules.shift,
+        default=rules.default(target.num_layers),
+        default_rule=rules.default_rule,
         target=target,
         n_inputs=fc_inputs(m.tensors.get("fc.weight"), target),
+        field=rules.field,
+        convention=rules.convention,
     )
     k, k_how = speculative_tokens(options, draft.k)
     V = target.info.vocab_size

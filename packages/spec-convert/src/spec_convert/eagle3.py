@@ -20,7 +20,7 @@ What the EAGLE code does, read at commit cb7e084 (the layout this module convert
 from __future__ import annotations
 
 from spec_convert.build import Draft, LayerIds, Options, Origin, finish
-from spec_convert.layer_config import check_dims, layer_config
+from spec_convert.layer_config import midlayer_config
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
 from spec_convert.target import Target
@@ -58,6 +58,13 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({2, L // 2, L - 3})
 
 
+LAYERS = LayerIds(
+    default_layers,
+    "the EAGLE-3 code captures the hidden states entering decoder layers 2, L//2, L-3 "
+    "(eagle/model/modeling_llama_kv.py), which are vLLM capture ids 2, L//2, L-3",
+)
+
+
 def convert(src: Source, target: Target, options: Options):
     cfg = src.config
     problems = [
@@ -72,32 +79,22 @@ def convert(src: Source, target: Target, options: Options):
     ]
     if not isinstance(cfg.get("draft_vocab_size"), int):
         problems.append("config.json: field 'draft_vocab_size' is missing; the EAGLE-3 code requires it")
-    lc, notes = layer_config(cfg, skip=EAGLE_KEYS, num_layers=1, target=target)
+    lc, notes, dim_problems = midlayer_config(cfg, EAGLE_KEYS, target)
     own_head_dim = lc["hidden_size"] // lc["num_attention_heads"]
     if lc["head_dim"] != own_head_dim:
         notes.append(
             f"config.json: head_dim {lc['head_dim']} ignored; the EAGLE code uses hidden/heads = {own_head_dim}"
         )
         lc["head_dim"] = own_head_dim
-    if cfg.get("num_hidden_layers", 1) != 1:
-        notes.append(
-            f"config.json: num_hidden_layers {cfg['num_hidden_layers']} ignored; EAGLE-3 has one midlayer"
-        )
-    problems += check_dims(lc, cfg, target)
     draft = Draft(
         lc=lc,
         draft_vocab=int(cfg.get("draft_vocab_size") or 0),
-        layers=LayerIds(
-            default=default_layers(target.num_layers),
-            default_rule=(
-                "the EAGLE-3 code captures the hidden states entering decoder layers 2, L//2, L-3 "
-                "(eagle/model/modeling_llama_kv.py), which are vLLM capture ids 2, L//2, L-3"
-            ),
-        ),
+        layers=LAYERS,
+        recorded_layers=None,  # no config field records them
         flags_how="norm_before_residual, norm_before_fc, fc_norm, norm_output: all false (the EAGLE-3 midlayer)",
         renamed={"midlayer.*": "layers.0.*"},
         notes=notes,
-        problems=problems,
+        problems=problems + dim_problems,
         full_vocab_reason="the EAGLE code deletes d2t/t2d when draft_vocab_size == vocab_size (eagle/model/ea_model.py)",
     )
     return finish(src, target, options, map_tensors(src.tensors, rename, DROPS), draft, ORIGIN)

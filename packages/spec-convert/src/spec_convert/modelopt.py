@@ -39,6 +39,16 @@ def default_layers(num_layers: int) -> list[int]:
     return [x + 1 for x in sorted({1, max(0, L // 2 - 1), max(0, L - 4)})]
 
 
+LAYERS = LayerIds(
+    default_layers,
+    "ModelOpt's default sorted({1, L//2-1, L-4}) counts decoder-layer outputs "
+    "(modelopt/torch/speculative/plugins/hf_eagle.py), which are vLLM capture ids x + 1",
+    field="eagle_config.eagle_aux_hidden_state_layer_ids",
+    convention="ModelOpt hooks the output of decoder layer x",
+    shift=1,
+)
+
+
 def _eagle_config_problems(cfg: dict, ec: dict) -> list[str]:
     problems = []
     arch = (cfg.get("architectures") or ["LlamaForCausalLMEagle3"])[0]
@@ -77,21 +87,11 @@ def convert(src: Source, target: Target, options: Options):
     lc, notes = layer_config(cfg, skip=EAGLE_KEYS, num_layers=num_layers, target=target)
     problems += check_dims(lc, cfg, target)
     draft_vocab = cfg.get("draft_vocab_size") or lc["vocab_size"]
-    recorded = ec.get("eagle_aux_hidden_state_layer_ids")
     draft = Draft(
         lc=lc,
         draft_vocab=int(draft_vocab),
-        layers=LayerIds(
-            default=default_layers(target.num_layers),
-            default_rule=(
-                "ModelOpt's default sorted({1, L//2-1, L-4}) counts decoder-layer outputs "
-                "(modelopt/torch/speculative/plugins/hf_eagle.py), which are vLLM capture ids x + 1"
-            ),
-            recorded=list(recorded) if recorded else None,
-            shift=1,
-            field="eagle_config.eagle_aux_hidden_state_layer_ids",
-            convention="ModelOpt hooks the output of decoder layer x",
-        ),
+        layers=LAYERS,
+        recorded_layers=ec.get("eagle_aux_hidden_state_layer_ids"),
         flags_how="norm_before_residual, norm_before_fc, fc_norm, norm_output: all false (ModelOpt EagleModule)",
         notes=notes,
         problems=problems,

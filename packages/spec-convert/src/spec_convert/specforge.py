@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from spec_convert.build import Draft, LayerIds, Options, Origin, finish
 from spec_convert.eagle3 import rename, source_name
-from spec_convert.layer_config import check_dims, layer_config
+from spec_convert.layer_config import midlayer_config
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
 from spec_convert.target import Target
@@ -51,6 +51,16 @@ def default_layers(num_layers: int) -> list[int]:
     return [x + 1 for x in sorted({1, L // 2 - 1, L - 4})]
 
 
+LAYERS = LayerIds(
+    default_layers,
+    "SpecForge's default capture layers [1, L//2-1, L-4] count decoder-layer outputs "
+    "(specforge/algorithms/model_providers.py), which are vLLM capture ids 2, L//2, L-3",
+    field="eagle_config.eagle_aux_hidden_state_layer_ids",
+    convention="SGLang/SpecForge count the output of decoder layer x",
+    shift=1,
+)
+
+
 def convert(src: Source, target: Target, options: Options):
     cfg = src.config
     problems = [
@@ -68,31 +78,14 @@ def convert(src: Source, target: Target, options: Options):
             "config.json: norm_output is false (SpecForge then computes logits without the final norm), "
             "which vLLM's EAGLE-3 cannot run"
         )
-    lc, notes = layer_config(cfg, skip=EAGLE_KEYS, num_layers=1, target=target)
-    if cfg.get("num_hidden_layers", 1) != 1:
-        notes.append(
-            f"config.json: num_hidden_layers {cfg['num_hidden_layers']} ignored; the draft has one midlayer"
-        )
-    problems += check_dims(lc, cfg, target)
-    eagle_config = cfg.get("eagle_config") or {}
-    recorded = (
-        eagle_config.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle_config, dict) else None
-    )
+    lc, notes, dim_problems = midlayer_config(cfg, EAGLE_KEYS, target)
+    eagle_config = cfg.get("eagle_config") if isinstance(cfg.get("eagle_config"), dict) else {}
     fc_norm = bool(cfg.get("fc_norm", False))
     draft = Draft(
         lc=lc,
         draft_vocab=int(cfg.get("draft_vocab_size") or 0),
-        layers=LayerIds(
-            default=default_layers(target.num_layers),
-            default_rule=(
-                "SpecForge's default capture layers [1, L//2-1, L-4] count decoder-layer outputs "
-                "(specforge/algorithms/model_providers.py), which are vLLM capture ids 2, L//2, L-3"
-            ),
-            recorded=list(recorded) if recorded else None,
-            shift=1,
-            field="eagle_config.eagle_aux_hidden_state_layer_ids",
-            convention="SGLang/SpecForge count the output of decoder layer x",
-        ),
+        layers=LAYERS,
+        recorded_layers=eagle_config.get("eagle_aux_hidden_state_layer_ids"),
         flags_how=(
             f"fc_norm={str(fc_norm).lower()} (config.json fc_norm); SpecForge's norm_output=true is "
             "vLLM's norm_output=false (pre-norm state fed back); norm_before_residual=false"
@@ -100,6 +93,6 @@ def convert(src: Source, target: Target, options: Options):
         flags={"fc_norm": fc_norm},
         renamed={"midlayer.*": "layers.0.*"},
         notes=notes,
-        problems=problems,
+        problems=problems + dim_problems,
     )
     return finish(src, target, options, map_tensors(src.tensors, rename, DROPS), draft, ORIGIN)

@@ -48,6 +48,14 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({2, L // 2, L - 3})
 
 
+LAYERS = LayerIds(
+    default_layers,
+    "vLLM then captures its default layers 2, L//2, L-3 (get_eagle3_default_aux_hidden_state_layers)",
+    field="eagle_aux_hidden_state_layer_ids",
+    convention="vLLM capture ids",
+)
+
+
 def convert(src: Source, target: Target, options: Options):
     cfg = src.config
     kind = cfg.get("speculators_model_type")
@@ -100,17 +108,11 @@ def convert(src: Source, target: Target, options: Options):
         )
 
     methods = section.get("proposal_methods") or [{}]
-    recorded = cfg.get("eagle_aux_hidden_state_layer_ids")
     draft = Draft(
         lc=lc,
         draft_vocab=int(cfg.get("draft_vocab_size") or lc["vocab_size"]),
-        layers=LayerIds(
-            default=default_layers(target.num_layers),
-            default_rule="vLLM then captures its default layers 2, L//2, L-3 (get_eagle3_default_aux_hidden_state_layers)",
-            recorded=list(recorded) if recorded else None,
-            field="eagle_aux_hidden_state_layer_ids",
-            convention="vLLM capture ids",
-        ),
+        layers=LAYERS,
+        recorded_layers=cfg.get("eagle_aux_hidden_state_layer_ids"),
         flags_how=", ".join(f"{key}={str(value).lower()}" for key, value in flags.items()),
         flags=flags,
         k=methods[0].get("speculative_tokens"),
