@@ -119,4 +119,4 @@ def test_the_recorded_command_line_repeats_the_run(demo_model, tmp_path):
     assert argv[:5] == given[:5] and "--resume" not in argv and "--no-progress" in argv
     assert "--max-len" in argv and "--on-error" in argv  # defaults spelled out
     again = datagen.make_context("datagen", argv).params
-    assert again == {**ctx.params, "layers": "2,15,27,30", "resume": False}
+    assert again == {**ctx.params, "layers": [2, 15, 27, 30], "resume": False}

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import click
 
+from spec_format.cli import comma_separated
+
 
 @click.command("demo-model")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Where to keep the converted model.")
+@click.option("--cache-dir", type=click.Path(), help="Where to keep the converted model.")
 def demo_model(cache_dir: str | None) -> None:
     """Build (once) and print the path of the SmolLM2-135M-Instruct demo target."""
     from spec_datagen.demo_model import demo_model_dir
 
     click.echo(str(demo_model_dir(cache_dir)))
-
-
-def _parse_layers(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 2,15,27,30") from None
 
 
 def _parse_json(value: str | None, what: str) -> dict:
@@ -52,7 +45,6 @@ def _data_option(what: str):
 def _max_model_len_option(what: str = ""):
     return click.option(
         "--max-model-len",
-        default=None,
         type=click.IntRange(min=16),
         help=f"Engine context{what} [default: 4096, or the target's own if shorter].",
     )
@@ -63,24 +55,19 @@ _on_error_option = click.option(
     "--on-error",
     type=click.Choice(["skip", "fail"]),
     default="skip",
-    show_default=True,
     help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
 )
 _chat_template_option = click.option(
     "--chat-template",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
     help="A Jinja chat template file to use instead of the target's own.",
 )
 _chat_template_kwargs_option = click.option(
     "--chat-template-kwargs",
-    default=None,
     help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
 )
-_engine_kwargs_option = click.option(
-    "--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments."
-)
-_progress_option = click.option("--progress/--no-progress", default=True, show_default=True)
+_engine_kwargs_option = click.option("--engine-kwargs", help="JSON object of extra vllm.LLM arguments.")
+_progress_option = click.option("--progress/--no-progress", default=True)
 
 
 def _read_template(path: str | None) -> str | None:
@@ -109,7 +96,7 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
     return argv
 
 
-@click.command("datagen")
+@click.command("datagen", context_settings={"show_default": True})
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
 @_data_option("Conversations")
 @click.option(
@@ -117,28 +104,20 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
 )
 @click.option(
     "--layers",
-    default=None,
+    callback=comma_separated(int, "2,15,27,30"),
     help="Comma-separated capture ids in vLLM's convention (k = output of decoder layer k-1, "
     "0 = embeddings, L = last layer before the final norm). Default: EAGLE-3's 2,L/2,L-3,L.",
 )
-@click.option(
-    "--max-len",
-    default=2048,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="Longest sample, in tokens.",
-)
+@click.option("--max-len", default=2048, type=click.IntRange(min=2), help="Longest sample, in tokens.")
 @click.option(
     "--long",
     "long_policy",
     type=click.Choice(["truncate", "skip"]),
     default="truncate",
-    show_default=True,
     help="What to do with samples longer than --max-len.",
 )
 @click.option(
     "--max-samples",
-    default=None,
     type=click.IntRange(min=1),
     help="Use only the first N rows of this job's share of the input (rows skipped as broken or too "
     "long count).",
@@ -147,20 +126,18 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
 @click.option(
     "--shard-index",
     default=0,
-    show_default=True,
     type=click.IntRange(min=0),
     help="This job's index among --num-shards jobs splitting one input (row i goes to job i % n).",
 )
-@click.option("--num-shards", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-shards", default=1, type=click.IntRange(min=1))
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "bf16", "fp8"]),
     default="bf16",
-    show_default=True,
     help="Stored precision of the hidden states.",
 )
-@click.option("--compress", type=click.Choice(["zstd"]), default=None, help="Compress shards.")
-@click.option("--samples-per-shard", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--compress", type=click.Choice(["zstd"]), help="Compress shards.")
+@click.option("--samples-per-shard", default=256, type=click.IntRange(min=1))
 @_on_error_option
 @_chat_template_option
 @_chat_template_kwargs_option
@@ -168,21 +145,18 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
     "--rewritten-turns",
     type=click.Choice(["unmask", "error"]),
     default="unmask",
-    show_default=True,
     help="Assistant turns that the template renders differently once later turns follow (Qwen3 "
     "thinking): leave them out of the loss mask, or refuse the row.",
 )
 @click.option(
     "--tensor-parallel-size",
     default=1,
-    show_default=True,
     type=click.IntRange(min=1),
     help="GPUs per engine (vLLM tensor parallelism).",
 )
 @click.option(
     "--data-parallel-size",
     default=1,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Engines on this machine, each on its own --tensor-parallel-size GPUs and a share of the rows "
     "(jobs of one dataset; see spec_datagen.parallel).",
@@ -221,12 +195,11 @@ def datagen(
     from spec_datagen.pipeline import Capturer, write_dataset
     from spec_format.fingerprint import default_eagle3_layers, read_model_config
 
-    layer_ids = _parse_layers(layers)
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
-    layer_ids = validate_layer_ids(layer_ids or default_eagle3_layers(n), n)
+    layer_ids = validate_layer_ids(layers or default_eagle3_layers(n), n)
     ctx = click.get_current_context()
     layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
     if data_parallel_size > 1:
@@ -276,14 +249,12 @@ def datagen(
 @click.option(
     "--verifier",
     type=click.Path(exists=True, file_okay=False),
-    default=None,
     help="Serve this target instead of the verifier recorded in the draft (e.g. a local copy).",
 )
 @click.option(
     "-k",
     "--num-speculative-tokens",
     type=click.IntRange(min=1),
-    default=None,
     help="Draft tokens per step (default: the draft's own).",
 )
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
@@ -304,25 +275,23 @@ def serve(
 
 def _sampling_options(f):
     """--temperature/--top-p/--top-k/--max-tokens/--seed, shared by regenerate and synth --respond."""
-    f = click.option("--seed", default=None, type=int, help="Seed of sampled replies [default: 0].")(f)
+    f = click.option("--seed", type=int, help="Seed of sampled replies [default: 0].")(f)
     f = click.option(
         "--max-tokens",
-        default=None,
         type=click.IntRange(min=1),
         help="Longest reply in tokens (default: the generation config's max_new_tokens, else 1024).",
     )(f)
-    f = click.option("--top-k", default=None, type=click.IntRange(min=0), help="0 turns top-k off.")(f)
-    f = click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True))(f)
+    f = click.option("--top-k", type=click.IntRange(min=0), help="0 turns top-k off.")(f)
+    f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True))(f)
     f = click.option(
         "--temperature",
-        default=None,
         type=click.FloatRange(min=0),
         help="0 is greedy. Default: the target's generation_config.json, greedy when it sets no sampling.",
     )(f)
     return f
 
 
-@click.command("regenerate")
+@click.command("regenerate", context_settings={"show_default": True})
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
 @_data_option("Conversations or prompts")
 @click.option(
@@ -336,9 +305,7 @@ def _sampling_options(f):
 @click.option(
     "--resume", is_flag=True, help="Keep the complete rows already in --out and continue after them."
 )
-@click.option(
-    "--max-rows", default=None, type=click.IntRange(min=1), help="Regenerate only the first N readable rows."
-)
+@click.option("--max-rows", type=click.IntRange(min=1), help="Regenerate only the first N readable rows.")
 @_max_model_len_option(" (prompt + reply); a turn whose prompt does not fit cuts its conversation there")
 @_on_error_option
 @_chat_template_option
@@ -396,60 +363,52 @@ def regenerate(
         click.echo(line)
 
 
-@click.command("synth")
+@click.command("synth", context_settings={"show_default": True})
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--n", "n", required=True, type=click.IntRange(min=1), help="Prompts to write (after filtering)."
 )
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, type=int)
 @click.option(
     "--topics",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
     help="A text file of topics, one per line; prompt i is seeded with topic i mod their number.",
 )
 @click.option(
     "--openers",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
     help="A text file of opening words, one per line; prompt i starts with opener i mod their number and "
     "the target writes the rest (steers small models, which ignore --topics).",
 )
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--temperature", default=1.0, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
     "--max-tokens",
     default=256,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Longest prompt in tokens; longer ones are dropped as truncated.",
 )
-@click.option("--min-words", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-words", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--min-words", default=3, type=click.IntRange(min=1))
+@click.option("--max-words", default=200, type=click.IntRange(min=1))
 @click.option(
     "--near-dup",
     default=0.7,
-    show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
     help="Estimated Jaccard similarity (character 5-grams) from which a prompt counts as a near-duplicate.",
 )
 @click.option(
     "--max-attempts",
-    default=None,
     type=click.IntRange(min=1),
     help="Give up after this many generated prompts [default: 20 n + 100].",
 )
 @click.option("--respond", is_flag=True, help="Also write the target's replies (as spec regenerate would).")
 @click.option(
     "--reply-temperature",
-    default=None,
     type=click.FloatRange(min=0),
     help="With --respond [default: the target's generation config, greedy when it sets none].",
 )
-@click.option(
-    "--reply-max-tokens", default=None, type=click.IntRange(min=1), help="With --respond [default: 1024]."
-)
+@click.option("--reply-max-tokens", type=click.IntRange(min=1), help="With --respond [default: 1024].")
 @_max_model_len_option()
 @_chat_template_option
 @_engine_kwargs_option
@@ -489,16 +448,8 @@ def synth(
 
     if Path(out).exists():
         raise click.UsageError(f"{out} already exists; remove it or pass another --out")
-    options = SynthOptions(
-        seed=seed,
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        min_words=min_words,
-        max_words=max_words,
-        near_dup=near_dup,
-        max_attempts=max_attempts,
-    )
+    params = click.get_current_context().params
+    options = SynthOptions(**{f: params[f] for f in SynthOptions.__struct_fields__})  # flags of these names
     replies = (
         default_sampling(target, temperature=reply_temperature, max_tokens=reply_max_tokens, seed=seed)
         if respond
@@ -508,7 +459,6 @@ def synth(
         target,
         out,
         n,
-        options=options,
         chat_template=_read_template(chat_template),
         topics=read_topics(topics) if topics else None,
         openers=read_topics(openers, "opener") if openers else None,
@@ -516,6 +466,7 @@ def synth(
         max_model_len=max_model_len,
         engine_kwargs=_parse_json(engine_kwargs, "--engine-kwargs"),
         progress=progress,
+        options=options,
     )
     for line in lines:
         click.echo(line)

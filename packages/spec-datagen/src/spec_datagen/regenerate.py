@@ -86,11 +86,7 @@ class Sampling(msgspec.Struct, kw_only=True):
 
         seed = zlib.crc32(f"{self.seed}:{seed_key}".encode()) if self.temperature > 0 else None
         return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            **{k: getattr(self, k) for k in SAMPLING_KEYS},
             max_tokens=max_tokens,
             seed=seed,
             stop_token_ids=list(end_ids),

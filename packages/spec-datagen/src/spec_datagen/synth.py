@@ -360,31 +360,28 @@ def synthesize_to_file(
     out: str | os.PathLike,
     n: int,
     *,
-    options: SynthOptions,
     chat_template: str | None = None,
-    topics: list[str] | None = None,
-    openers: list[str] | None = None,
     replies: Sampling | None = None,
     max_model_len: int | None = None,
     engine_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    **kwargs: Any,
 ) -> tuple[int, SynthStats, list[str]]:
-    """`spec synth`: up to n prompts from a fresh engine of `target` (with `replies`, the target's reply to
-    each on the same engine, as spec regenerate would write it) into the JSONL file `out`. Returns (rows
-    written, stats, report lines: filters, diversity, replies). The template is checked before the engine
-    starts (a minute)."""
+    """`spec synth`: up to n prompts (kwargs: options, topics, openers, see `synthesize`) from a fresh engine
+    of `target`, with `replies` the target's reply to each on the same engine (as spec regenerate would
+    write it), into the JSONL file `out`. Returns (rows written, stats, report lines: filters, diversity,
+    replies). The template is checked before the engine starts (a minute)."""
     from tqdm import tqdm
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of generation
     renderer = ChatRenderer.for_model(target, chat_template)
     # A template that cannot seed topics, or none at all, is refused here.
+    topics = kwargs.get("topics")
     user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topics[0]) if topics else None)
     llm = make_llm(target, max_model_len=max_model_len or default_context(target), **(engine_kwargs or {}))
     try:
-        stats = SynthStats()
-        convs = synthesize_with_progress(
-            llm, renderer, n, options=options, topics=topics, openers=openers, stats=stats, progress=progress
-        )
+        stats = kwargs.setdefault("stats", SynthStats())
+        convs = synthesize_with_progress(llm, renderer, n, progress=progress, **kwargs)
         lines = report_lines(stats, convs)
         if replies is not None and convs:
             regen = Regenerator(target, llm=llm, chat_template=chat_template, sampling=replies)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from spec_format.cli import comma_separated
+
 
 def _concurrency(value: str) -> list[int]:
     try:
@@ -192,13 +194,7 @@ def quickstart(out: Path, minutes: float) -> None:
     click.echo(explain(report, out))
 
 
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 1,0.8,0.64") from None
+_floats = comma_separated(float, "1,0.8,0.64")
 
 
 @click.command("train", context_settings={"show_default": True})
