@@ -1,7 +1,7 @@
 """One conversion, assembled: what a source module read off its source (`Draft`: the decoder-layer config,
 how the source records its layer ids, flags, notes) is resolved (layer ids, k), checked against the
 format's layout and turned into a complete EAGLE-3 config and tensors (`Converted`) by `finish`, the part
-every converter shares. A converter module defines ORIGIN and `convert(src, target, options)`, which reads
+every converter shares. A converter module defines ORIGIN, LAYERS and `convert(src, target, options)`, which reads
 its layout's config into a Draft, maps tensor names (strict.map_tensors) and returns `finish(...)`."""
 
 from __future__ import annotations
