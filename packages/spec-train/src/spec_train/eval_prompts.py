@@ -111,13 +111,6 @@ def load_prompts(
     return prompts
 
 
-def load_prompt_ids(
-    sources: list[str], verifier: str | Path, limit: int | None = None, max_len: int | None = None
-) -> list[list[int]]:
-    """Token ids of `load_prompts`."""
-    return [p.ids for p in load_prompts(sources, verifier, limit, max_len)]
-
-
 def warmup_prompt_ids(verifier: str | Path, measured: list[list[int]]) -> list[int]:
     """A chat prompt for the verifier that is not among the measured prompts."""
     renderer = ChatRenderer.for_model(verifier)
