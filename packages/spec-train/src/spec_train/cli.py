@@ -148,9 +148,8 @@ def eval_cmd(
         )
     suffix = not no_suffix and not offline and suffix_available()
     baseline_k = ks[0] if len(ks) == 1 else own_k  # n-gram's k
-    speculative_configs(
-        draft_dir, ks, baseline_k, ngram=not no_ngram, suffix=suffix
-    )  # bad k: before any engine
+    # A k vLLM cannot serve fails here, before any engine starts.
+    speculative_configs(draft_dir, ks, baseline_k, ngram=not no_ngram, suffix=suffix)
     prompts = load_prompts(list(sources), verifier, limit=num_prompts)
     ids = [p.ids for p in prompts]
     out = _stdout_for_json() if as_json else None
