@@ -152,8 +152,11 @@ def test_bad_input_is_one_line_before_any_engine(args, expected, spec_cli, draft
 
 
 def _in_process_env() -> dict:
+    """The user's choice of in-process engines (spec_datagen.runtime): without the marker this test process
+    sets when its own engines run in-process, which would make the child ignore the choice."""
+    env = {k: v for k, v in os.environ.items() if k != "SPEC_SET_VLLM_MULTIPROCESSING"}
     return {
-        **os.environ,
+        **env,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
     }
