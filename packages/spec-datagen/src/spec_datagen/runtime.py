@@ -207,6 +207,12 @@ class SpecDecodeCounters(msgspec.Struct):
     accepted: int = 0
     accepted_per_position: list[int] = []
 
+    def __add__(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
+        return SpecDecodeCounters(
+            self.drafts + other.drafts, self.draft_tokens + other.draft_tokens, self.accepted + other.accepted,
+            _add(self.accepted_per_position, other.accepted_per_position),
+        )  # fmt: skip
+
     def __sub__(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
         return SpecDecodeCounters(
             self.drafts - other.drafts, self.draft_tokens - other.draft_tokens, self.accepted - other.accepted,
@@ -237,6 +243,19 @@ def spec_decode_counters(llm) -> SpecDecodeCounters:
         elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             out.accepted_per_position = _add(out.accepted_per_position, [int(v) for v in m.values])
     return out
+
+
+def request_counters(metrics) -> SpecDecodeCounters:
+    """One request's counters from its `CompletionOutput.spec_decode_metrics` (an engine built with
+    `per_request_spec_decode_metrics="summary"`): `histogram[j]` counts verification steps with j drafts
+    accepted, so position i was accepted in sum(histogram[i:]) steps, as vLLM's aggregate counters count."""
+    if metrics is None:  # no step had a draft
+        return SpecDecodeCounters()
+    hist = list(metrics.histogram)
+    return SpecDecodeCounters(
+        drafts=sum(hist), draft_tokens=metrics.num_draft_tokens, accepted=sum(j * n for j, n in enumerate(hist)),
+        accepted_per_position=[sum(hist[i:]) for i in range(1, len(hist))],
+    )  # fmt: skip
 
 
 def _add(a: list[int], b: list[int], sign: int = 1) -> list[int]:

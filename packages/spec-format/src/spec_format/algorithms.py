@@ -73,7 +73,12 @@ def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None
             f"{draft_dir}/config.json: field 'speculators_model_type': no vLLM method is known for "
             f"'{cfg.speculators_model_type}' (known: {', '.join(sorted(SERVING))})"
         )
-    return {**extra, "model": str(draft_dir), "num_speculative_tokens": k or cfg.speculative_tokens}
+    k = cfg.speculative_tokens if k is None else k
+    if not isinstance(k, int) or k < 1:  # vLLM's SpeculativeConfig: num_speculative_tokens > 0, every method
+        raise SpecError(
+            f"k = {k!r}: vLLM serves {cfg.speculators_model_type} drafts at k >= 1 draft tokens per step"
+        )
+    return {**extra, "model": str(draft_dir), "num_speculative_tokens": k}
 
 
 class LayerDims(msgspec.Struct, frozen=True):
