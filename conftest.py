@@ -24,7 +24,7 @@ MAX_LIVE_ENGINES = int(os.environ.get("SPEC_MAX_LIVE_ENGINES", "2"))
 
 
 def pytest_configure(config):
-    # Subprocesses inherit this; spec_datagen.runtime.record_engine_start appends to it.
+    # Subprocesses inherit this; spec_format.diagnostics.record_engine_start appends to it.
     os.environ["SPEC_ENGINE_LOG"] = str(_ENGINE_LOG)
     _ENGINE_LOG.write_text("")
 
@@ -59,8 +59,6 @@ def demo_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model("llama" | "qwen3" | "qwen3_moe") -> a tiny random target directory, built once."""
-    from spec_datagen.demo_model import tiny_model_dir
-
     root = tmp_path_factory.mktemp("tiny-models")
     built: dict[str, Path] = {}
 
@@ -70,6 +68,74 @@ def tiny_model(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random targets (8 layers, hidden 64, the demo tokenizer) for fast tests.
+
+TINY_ARCHS = ("llama", "qwen3", "qwen3_moe")
+
+
+def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> dict:
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        # vLLM's CPU attention kernels take head sizes of 32 and up (16 fails at the first forward).
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    if arch == "llama":
+        return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    if arch == "qwen3":
+        return {**common, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+    if arch == "qwen3_moe":
+        return {
+            **common,
+            "model_type": "qwen3_moe",
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [],
+        }
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+
+
+def tiny_model_dir(
+    arch: str, out: str | os.PathLike, seed: int = 0, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """A tiny random `arch` target (8 layers, hidden 64) with the demo model's tokenizer, in fp32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spec_datagen.demo_model import demo_model_dir
+
+    out = Path(out)
+    if (out / ".complete").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(demo_model_dir(cache_dir))
+    cfg_dict = _tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    model_type = cfg_dict.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **cfg_dict)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / ".complete").write_text("{}\n")
+    return out
 
 
 def write_random_eagle3(

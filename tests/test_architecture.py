@@ -1,4 +1,4 @@
-"""The package layering of DESIGN.md, enforced.
+"""The package layering of docs/architecture.md, enforced.
 
 format <- datagen, format <- models, {format, models, datagen} <- train, format <- convert.
 spec-format never imports torch, vLLM or transformers (serving images install it alone).
@@ -7,8 +7,10 @@ spec-format never imports torch, vLLM or transformers (serving images install it
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,19 @@ def test_imports_point_only_downward(pkg):
     assert not upward, {m: sorted(imported[m]) for m in upward}
     bad = FORBIDDEN.get(pkg, set()) & set(imported)
     assert not bad, {m: sorted(imported[m]) for m in bad}
+
+
+# Declared dependencies a package's source does not import, with the reason it still needs them.
+NOT_IMPORTED = {"spec_datagen": {"gguf": "transformers reads the demo model's GGUF file with it"}}
+
+
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_every_declared_dependency_is_imported(pkg):
+    """A dependency nobody imports is dead weight in every install (optional extras are not checked)."""
+    meta = tomllib.loads((_source_dir(pkg).parents[1] / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].replace("-", "_") for d in meta["dependencies"]}
+    unused = declared - set(_imported_top_levels(pkg)) - set(NOT_IMPORTED.get(pkg, {}))
+    assert not unused, f"{pkg} declares {sorted(unused)} in pyproject.toml but never imports them"
 
 
 def _modules_after_import(pkg: str) -> set[str]:

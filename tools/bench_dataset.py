@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import TensorSpec, serialize_file
+from synthetic_states import synthetic_sample  # tools/, beside this script
 from tqdm import tqdm
 
 from spec_format.dataset import Dataset, DatasetWriter
 from spec_format.dataset.encoding import encode_hidden
-from spec_format.dataset.synthetic import synthetic_sample
 from spec_format.fingerprint import TargetInfo, default_eagle3_layers
 from spec_format.tensors import load_tensors
 

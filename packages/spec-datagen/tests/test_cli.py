@@ -15,50 +15,32 @@ from spec_format.dataset import Dataset
 LAYERS = "0,1,2,15,27,29,30"  # the shared test engine's layers, so it can write the reference
 
 
-def test_bad_layers_fail_in_a_second_with_one_line(spec_cli, demo_model, tmp_path):
+def datagen_before_engine(spec_cli, demo_model, tmp_path, rows: str, *flags: str):
+    """Run `spec datagen` on `rows`; returns (the finished process, engine starts it made, from
+    spec_format.diagnostics's SPEC_ENGINE_LOG)."""
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "a", "completion": "b"}\n')
-    t0 = time.monotonic()
-    done = subprocess.run(
-        [
-            spec_cli,
-            "datagen",
-            str(demo_model),
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "o"),
-            "--layers",
-            "2,31",
-        ],
-        capture_output=True,
-        text=True,
+    data.write_text(rows)
+    log = tmp_path / "engine-starts.log"
+    env = {**os.environ, "SPEC_ENGINE_LOG": str(log)}
+    cmd = [spec_cli, "datagen", str(demo_model), "--data", str(data), "--out", str(tmp_path / "o"), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_bad_layers_fail_before_the_engine_with_one_line(spec_cli, demo_model, tmp_path):
+    done, starts = datagen_before_engine(
+        spec_cli, demo_model, tmp_path, '{"prompt": "a", "completion": "b"}\n', "--layers", "2,31"
     )
-    assert done.returncode == 1 and time.monotonic() - t0 < 60
+    assert done.returncode == 1 and starts == []
     assert done.stderr.strip().splitlines()[-1].startswith("error: --layers: [31] out of range")
+    assert not (tmp_path / "o").exists()
 
 
 def test_broken_row_with_on_error_fail_stops_before_the_engine(spec_cli, demo_model, tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "a", "completion": "b"}\n\n{"messages": [{"role": "user"}]}\n')
-    done = subprocess.run(
-        [
-            spec_cli,
-            "datagen",
-            str(demo_model),
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "o"),
-            "--on-error",
-            "fail",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 1
-    assert f"error: {data}:3: messages[0] has no content" in done.stderr
-    assert "vLLM" not in done.stderr  # no engine was started
+    rows = '{"prompt": "a", "completion": "b"}\n\n{"messages": [{"role": "user"}]}\n'
+    done, starts = datagen_before_engine(spec_cli, demo_model, tmp_path, rows, "--on-error", "fail")
+    assert done.returncode == 1 and starts == []
+    assert f"error: {tmp_path / 'd.jsonl'}:3: messages[0] has no content" in done.stderr
 
 
 @pytest.mark.e2e
@@ -120,3 +102,21 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     assert command.startswith(f"spec datagen {demo_model} --data {data}") and f"--layers {LAYERS}" in command
     valid = subprocess.run([spec_cli, "validate", "--deep", str(out)], capture_output=True, text=True)
     assert valid.returncode == 0, valid.stderr
+
+
+def test_the_recorded_command_line_repeats_the_run(demo_model, tmp_path):
+    """datagen's argv for its manifest and its data-parallel jobs is rebuilt from what click parsed: parsed
+    again it gives the same options, defaults spelled out, and leaves out only what it was told to."""
+    from spec_datagen.cli import _command_line, datagen
+
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    given = [str(demo_model), "--data", str(tmp_path / "a.jsonl"), "--data", str(tmp_path / "b.jsonl"),
+             "--out", str(tmp_path / "o"), "--max-samples", "5", "--no-progress", "--resume",
+             "--chat-template-kwargs", '{"enable_thinking": false}']  # fmt: skip
+    ctx = datagen.make_context("datagen", list(given))
+    argv = _command_line(ctx, {"resume"}, layers="2,15,27,30")
+    assert argv[:5] == given[:5] and "--resume" not in argv and "--no-progress" in argv
+    assert "--max-len" in argv and "--on-error" in argv  # defaults spelled out
+    again = datagen.make_context("datagen", argv).params
+    assert again == {**ctx.params, "layers": [2, 15, 27, 30], "resume": False}

@@ -87,7 +87,7 @@ def test_spec_eval_measures_the_draft_in_vllm(trained, spec_cli, tmp_path):
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
     common = [trained.run + "/final", "--data", str(prompts), "--max-tokens", "64", "--json"]
-    proc = subprocess.run([spec_cli, "eval", *common, "--concurrency", "1,4", "--report", str(tmp_path / "r")],
+    proc = subprocess.run([spec_cli, "eval", *common, "--concurrency", "1,4", "--rounds", "1", "--report", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # --json: stdout is exactly one JSON object

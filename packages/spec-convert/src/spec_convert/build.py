@@ -1,23 +1,23 @@
-"""One conversion, assembled: what a source module worked out (`Draft`), checked against the format's
-layout and turned into a complete EAGLE-3 config and tensors (`Converted`)."""
+"""One conversion, assembled: what a source module read off its source (`Draft`: the decoder-layer config,
+how the source records its layer ids, flags, notes) is resolved (layer ids, k), checked against the
+format's layout and turned into a complete EAGLE-3 config and tensors (`Converted`) by `finish`, the part
+every converter shares. A converter module defines ORIGIN, LAYERS and `convert(src, target, options)`, which reads
+its layout's config into a Draft, maps tensor names (strict.map_tensors) and returns `finish(...)`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 import numpy as np
 
 from spec_convert.d2t import vocab_mapping
+from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import ConversionError, Mapped, check_layout
 from spec_convert.target import Target
-from spec_format.algorithms import as_peagle, layout_for
-from spec_format.checkpoint import (
-    ProposalMethod,
-    SpecMetadata,
-    SpeculatorConfig,
-    SpeculatorsSection,
-    Verifier,
-)
+from spec_format.algorithms import as_peagle, eagle3_config, layout_for
+from spec_format.checkpoint import SpeculatorConfig
 
 DEFAULT_K = 3  # what speculators' converter and vLLM's EAGLE-3 examples use; --k overrides
 
@@ -34,46 +34,6 @@ def float_dtype(dtypes: dict[str, str], names: list[str]) -> tuple[str, str]:
     return "float32", f"float32 (the source mixes {', '.join(found)})"
 
 
-def eagle3_config(
-    lc: dict,
-    target: Target,
-    aux_ids: list[int],
-    draft_vocab: int,
-    k: int,
-    provenance: dict,
-    *,
-    norm_before_residual: bool = False,
-    norm_before_fc: bool = False,
-    fc_norm: bool = False,
-    norm_output: bool = False,
-    extra: dict | None = None,
-) -> SpeculatorConfig:
-    """The complete EAGLE-3 config; every vLLM flag written explicitly (vLLM's defaults differ by path).
-    A P-EAGLE draft is this config through spec_format.algorithms.as_peagle."""
-    return SpeculatorConfig(
-        speculators_model_type="eagle3",
-        speculators_config=SpeculatorsSection(
-            algorithm="eagle3",
-            proposal_methods=[ProposalMethod(speculative_tokens=k)],
-            verifier=Verifier(
-                name_or_path=target.info.name_or_path, architectures=[target.info.architecture]
-            ),
-        ),
-        transformer_layer_config=lc,
-        draft_vocab_size=draft_vocab,
-        target_hidden_size=target.info.hidden_size if target.info.hidden_size != lc["hidden_size"] else None,
-        eagle_aux_hidden_state_layer_ids=aux_ids,
-        norm_before_residual=norm_before_residual,
-        norm_before_fc=norm_before_fc,
-        fc_norm=fc_norm,
-        norm_output=norm_output,
-        architectures=["Eagle3DraftModel"],
-        tie_word_embeddings=False,
-        spec=SpecMetadata(verifier=target.info, provenance=provenance),
-        **(extra or {}),
-    )
-
-
 class Options(msgspec.Struct):
     """What the user may override: speculative tokens and the auxiliary layer ids (vLLM capture ids)."""
 
@@ -81,15 +41,42 @@ class Options(msgspec.Struct):
     layers: list[int] | None = None
 
 
+class Origin(msgspec.Struct, frozen=True):
+    """The code base a converter reads: `name` is its --from name, `what` names its drafts in messages,
+    `source_name` maps a format tensor name back to the source's (for messages about missing tensors)."""
+
+    name: str
+    project: str
+    what: str
+    source_name: Any = None  # Callable[[str], str]; None: the names are the format's
+
+
+class LayerIds(msgspec.Struct, frozen=True):
+    """How a source records its auxiliary layer ids (see layer_ids.resolve_layer_ids): in config `field`,
+    in its own `convention` (vLLM id = x + shift); without them its project uses `default(L)` (vLLM
+    capture ids for an L-layer verifier), which `default_rule` explains."""
+
+    default: Any  # Callable[[int], list[int]]
+    default_rule: str
+    field: str = ""
+    convention: str = ""
+    shift: int = 0
+
+
 class Draft(msgspec.Struct):
-    """What a source module worked out; `finish` checks it against the format and builds the result."""
+    """What a source module read off the source; `finish` resolves layer ids and k, checks it against the
+    format and builds the result. `k` is the speculative tokens the source records; `source` adds to the
+    provenance's source entry; `flags_how` says where the vLLM flags come from."""
 
     lc: dict
-    layer_ids: list[int]
     draft_vocab: int
-    k: int
-    provenance: dict
+    layers: LayerIds
+    recorded_layers: list[int] | None  # as the source's config holds them (None: it records none)
+    flags_how: str
     flags: dict[str, bool] = {}
+    renamed: dict[str, str] = {}
+    k: int | None = None
+    source: dict = {}
     notes: list[str] = []
     problems: list[str] = []
     full_vocab_reason: str | None = None  # the source code discards d2t/t2d for a full vocabulary
@@ -112,27 +99,46 @@ def speculative_tokens(options: Options, recorded: int | None = None) -> tuple[i
 
 
 def finish(
-    src: Source, target: Target, m: Mapped, draft: Draft, what: str, source_name=lambda name: name
+    src: Source, target: Target, options: Options, m: Mapped, draft: Draft, origin: Origin
 ) -> Converted:
-    """Vocabulary mapping, the config, and the strict check of every tensor against the format's layout.
-    `source_name` maps a format name back to the source's (for messages about missing tensors)."""
+    """Layer ids (--layers, else the source's, else its project's default), k, the vocabulary mapping, the
+    config and provenance, and the strict check of every tensor against the format's layout."""
+    rules = draft.layers
+    layer_ids, layer_how, layer_problems = resolve_layer_ids(
+        override=options.layers,
+        recorded=list(draft.recorded_layers) if draft.recorded_layers else None,
+        shift=rules.shift,
+        default=rules.default(target.num_layers),
+        default_rule=rules.default_rule,
+        target=target,
+        n_inputs=fc_inputs(m.tensors.get("fc.weight"), target),
+        field=rules.field,
+        convention=rules.convention,
+    )
+    k, k_how = speculative_tokens(options, draft.k)
     V = target.info.vocab_size
     vocab_how = vocab_mapping(m, draft.draft_vocab, V, draft.full_vocab_reason)
     float_names = [n for n, a in m.tensors.items() if a.dtype.kind == "f" and m.origin.get(n) in src.dtypes]
     dtype, dtype_how = float_dtype(src.dtypes, [m.origin[n] for n in float_names])
     provenance = {
-        **draft.provenance,
+        "source": {
+            "format": origin.name, "project": origin.project, "path": str(src.path), "files": src.files,
+            **draft.source,
+        },
+        "layer_ids": layer_how,
+        "renamed": draft.renamed,
+        "speculative_tokens": k_how,
+        "flags": draft.flags_how,
         "vocab": vocab_how,
         "dropped": dict(sorted(m.dropped.items())),
         "dtype": dtype_how,
         "notes": draft.notes,
-    }
-    cfg = eagle3_config(
-        draft.lc, target, draft.layer_ids, draft.draft_vocab, draft.k, provenance, **draft.flags
-    )
+    }  # fmt: skip
+    cfg = eagle3_config(draft.lc, target.info, layer_ids, draft.draft_vocab, k, provenance, **draft.flags)
     if draft.mask_token_id is not None:
         cfg = as_peagle(cfg, draft.mask_token_id)
-    problems = draft.problems + check_layout(m, layout_for(cfg), what, source_name)
+    source_name = origin.source_name or (lambda name: name)
+    problems = draft.problems + layer_problems + check_layout(m, layout_for(cfg), origin.what, source_name)
     if cfg.target_hidden_size is not None and "embed_tokens.weight" not in m.tensors:
         problems.append(
             f"the draft's hidden size {draft.lc['hidden_size']} differs from the verifier's "

@@ -19,16 +19,13 @@ What the EAGLE code does, read at commit cb7e084 (the layout this module convert
 
 from __future__ import annotations
 
-from spec_convert.build import Draft, Options, finish, speculative_tokens
-from spec_convert.layer_config import check_dims, layer_config
-from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
+from spec_convert.build import Draft, LayerIds, Options, Origin, finish
+from spec_convert.layer_config import midlayer_config
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
 from spec_convert.target import Target
 
 NAME = "eagle3"
-PROJECT = "SafeAILab/EAGLE (EAGLE-3)"
-WHAT = "a SafeAILab EAGLE-3 draft"
 
 # Keys of config.json this module interprets rather than copying into the decoder-layer config.
 EAGLE_KEYS = {"draft_vocab_size", "target_hidden_size", "num_hidden_layers", "model_type", "bias"}
@@ -53,9 +50,19 @@ def source_name(name: str) -> str:
     return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
 
 
+ORIGIN = Origin(NAME, "SafeAILab/EAGLE (EAGLE-3)", "a SafeAILab EAGLE-3 draft", source_name)
+
+
 def default_layers(num_layers: int) -> list[int]:
     L = num_layers
     return sorted({2, L // 2, L - 3})
+
+
+LAYERS = LayerIds(
+    default_layers,
+    "the EAGLE-3 code captures the hidden states entering decoder layers 2, L//2, L-3 "
+    "(eagle/model/modeling_llama_kv.py), which are vLLM capture ids 2, L//2, L-3",
+)
 
 
 def convert(src: Source, target: Target, options: Options):
@@ -72,46 +79,22 @@ def convert(src: Source, target: Target, options: Options):
     ]
     if not isinstance(cfg.get("draft_vocab_size"), int):
         problems.append("config.json: field 'draft_vocab_size' is missing; the EAGLE-3 code requires it")
-    lc, notes = layer_config(cfg, skip=EAGLE_KEYS, num_layers=1, target=target)
+    lc, notes, dim_problems = midlayer_config(cfg, EAGLE_KEYS, target)
     own_head_dim = lc["hidden_size"] // lc["num_attention_heads"]
     if lc["head_dim"] != own_head_dim:
         notes.append(
             f"config.json: head_dim {lc['head_dim']} ignored; the EAGLE code uses hidden/heads = {own_head_dim}"
         )
         lc["head_dim"] = own_head_dim
-    if cfg.get("num_hidden_layers", 1) != 1:
-        notes.append(
-            f"config.json: num_hidden_layers {cfg['num_hidden_layers']} ignored; EAGLE-3 has one midlayer"
-        )
-    problems += check_dims(lc, cfg, target)
-    m = map_tensors(src.tensors, rename, DROPS)
-    ids, layer_how, layer_problems = resolve_layer_ids(
-        override=options.layers,
-        recorded=None,
-        shift=0,
-        default=default_layers(target.num_layers),
-        default_rule=(
-            "the EAGLE-3 code captures the hidden states entering decoder layers 2, L//2, L-3 "
-            "(eagle/model/modeling_llama_kv.py), which are vLLM capture ids 2, L//2, L-3"
-        ),
-        target=target,
-        n_inputs=fc_inputs(m.tensors.get("fc.weight"), target),
-    )
-    k, k_how = speculative_tokens(options)
     draft = Draft(
         lc=lc,
-        layer_ids=ids,
         draft_vocab=int(cfg.get("draft_vocab_size") or 0),
-        k=k,
-        provenance={
-            "source": {"format": NAME, "project": PROJECT, "path": str(src.path), "files": src.files},
-            "layer_ids": layer_how,
-            "renamed": {"midlayer.*": "layers.0.*"},
-            "speculative_tokens": k_how,
-            "flags": "norm_before_residual, norm_before_fc, fc_norm, norm_output: all false (the EAGLE-3 midlayer)",
-        },
+        layers=LAYERS,
+        recorded_layers=None,  # no config field records them
+        flags_how="norm_before_residual, norm_before_fc, fc_norm, norm_output: all false (the EAGLE-3 midlayer)",
+        renamed={"midlayer.*": "layers.0.*"},
         notes=notes,
-        problems=problems + layer_problems,
+        problems=problems + dim_problems,
         full_vocab_reason="the EAGLE code deletes d2t/t2d when draft_vocab_size == vocab_size (eagle/model/ea_model.py)",
     )
-    return finish(src, target, m, draft, WHAT, source_name)
+    return finish(src, target, options, map_tensors(src.tensors, rename, DROPS), draft, ORIGIN)

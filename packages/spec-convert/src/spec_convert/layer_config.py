@@ -102,6 +102,17 @@ def layer_config(
     return lc, notes
 
 
+def midlayer_config(cfg: dict, skip: set[str], target: Target) -> tuple[dict, list[str], list[str]]:
+    """(layer config, notes, problems) of a draft with one decoder layer (`midlayer`, SafeAILab's and
+    SpecForge's layout), whatever num_hidden_layers its config.json states."""
+    lc, notes = layer_config(cfg, skip=skip, num_layers=1, target=target)
+    if cfg.get("num_hidden_layers", 1) != 1:
+        notes.append(
+            f"config.json: num_hidden_layers {cfg['num_hidden_layers']} ignored; the draft has one midlayer"
+        )
+    return lc, notes, check_dims(lc, cfg, target)
+
+
 def check_dims(lc: dict, source_cfg: dict, target: Target, where: str = "config.json") -> list[str]:
     """The draft belongs to this verifier: same vocabulary (embeddings, t2d and d2t index into it) and, when
     the source states it, the verifier hidden size fc was trained on."""

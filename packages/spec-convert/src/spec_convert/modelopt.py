@@ -21,16 +21,14 @@ What the ModelOpt code does, read at commit a2fbac7:
 
 from __future__ import annotations
 
-from spec_convert.build import Draft, Options, finish, speculative_tokens
+from spec_convert.build import Draft, LayerIds, Options, Origin, finish
 from spec_convert.layer_config import check_dims, layer_config
-from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
 from spec_convert.target import Target
 
 NAME = "modelopt"
-PROJECT = "NVIDIA/Model-Optimizer (ModelOpt)"
-WHAT = "a ModelOpt EAGLE-3 export"
+ORIGIN = Origin(NAME, "NVIDIA/Model-Optimizer (ModelOpt)", "a ModelOpt EAGLE-3 export")
 
 EAGLE_KEYS = {"draft_vocab_size", "eagle_config", "num_hidden_layers", "model_type", "quantization_config"}
 DROPS = [(r".*rotary_emb\.inv_freq", "RoPE frequencies, recomputed from the config")]
@@ -39,6 +37,16 @@ DROPS = [(r".*rotary_emb\.inv_freq", "RoPE frequencies, recomputed from the conf
 def default_layers(num_layers: int) -> list[int]:
     L = num_layers
     return [x + 1 for x in sorted({1, max(0, L // 2 - 1), max(0, L - 4)})]
+
+
+LAYERS = LayerIds(
+    default_layers,
+    "ModelOpt's default sorted({1, L//2-1, L-4}) counts decoder-layer outputs "
+    "(modelopt/torch/speculative/plugins/hf_eagle.py), which are vLLM capture ids x + 1",
+    field="eagle_config.eagle_aux_hidden_state_layer_ids",
+    convention="ModelOpt hooks the output of decoder layer x",
+    shift=1,
+)
 
 
 def _eagle_config_problems(cfg: dict, ec: dict) -> list[str]:
@@ -79,36 +87,13 @@ def convert(src: Source, target: Target, options: Options):
     lc, notes = layer_config(cfg, skip=EAGLE_KEYS, num_layers=num_layers, target=target)
     problems += check_dims(lc, cfg, target)
     draft_vocab = cfg.get("draft_vocab_size") or lc["vocab_size"]
-    m = map_tensors(src.tensors, lambda name: name, DROPS)
-    recorded = ec.get("eagle_aux_hidden_state_layer_ids")
-    ids, layer_how, layer_problems = resolve_layer_ids(
-        override=options.layers,
-        recorded=list(recorded) if recorded else None,
-        shift=1,
-        default=default_layers(target.num_layers),
-        field="eagle_config.eagle_aux_hidden_state_layer_ids",
-        convention="ModelOpt hooks the output of decoder layer x",
-        default_rule=(
-            "ModelOpt's default sorted({1, L//2-1, L-4}) counts decoder-layer outputs "
-            "(modelopt/torch/speculative/plugins/hf_eagle.py), which are vLLM capture ids x + 1"
-        ),
-        target=target,
-        n_inputs=fc_inputs(m.tensors.get("fc.weight"), target),
-    )
-    k, k_how = speculative_tokens(options)
     draft = Draft(
         lc=lc,
-        layer_ids=ids,
         draft_vocab=int(draft_vocab),
-        k=k,
-        provenance={
-            "source": {"format": NAME, "project": PROJECT, "path": str(src.path), "files": src.files},
-            "layer_ids": layer_how,
-            "renamed": {},
-            "speculative_tokens": k_how,
-            "flags": "norm_before_residual, norm_before_fc, fc_norm, norm_output: all false (ModelOpt EagleModule)",
-        },
+        layers=LAYERS,
+        recorded_layers=ec.get("eagle_aux_hidden_state_layer_ids"),
+        flags_how="norm_before_residual, norm_before_fc, fc_norm, norm_output: all false (ModelOpt EagleModule)",
         notes=notes,
-        problems=problems + layer_problems,
+        problems=problems,
     )
-    return finish(src, target, m, draft, WHAT)
+    return finish(src, target, options, map_tensors(src.tensors, lambda name: name, DROPS), draft, ORIGIN)

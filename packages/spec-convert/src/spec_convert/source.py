@@ -7,7 +7,6 @@ sets is refused rather than guessed at: SafeAILab's loader prefers the .bin, tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import msgspec
 import numpy as np
 
 from spec_format.errors import SpecError
+from spec_format.files import file_sha256
 from spec_format.tensors import load_tensors, tensor_dtypes
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -27,14 +27,6 @@ class Source(msgspec.Struct):
     tensors: dict[str, np.ndarray]  # BF16 widened to float32 (exact)
     dtypes: dict[str, str]  # safetensors dtype names as stored in the source (F16, BF16, I64, BOOL, ...)
     files: dict[str, str]  # weight file name -> sha256
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shards(index: Path) -> list[Path]:
@@ -116,7 +108,7 @@ def read_source(src: str | Path) -> Source:
         config=config,
         tensors=tensors,
         dtypes=dtypes,
-        files={p.name: _sha256(p) for p in files},
+        files={p.name: file_sha256(p) for p in files},
     )
 
 

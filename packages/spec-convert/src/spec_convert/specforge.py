@@ -21,17 +21,17 @@ What the SpecForge code does, read at commit a6b6b023:
 
 from __future__ import annotations
 
-from spec_convert.build import Draft, Options, finish, speculative_tokens
+from spec_convert.build import Draft, LayerIds, Options, Origin, finish
 from spec_convert.eagle3 import rename, source_name
-from spec_convert.layer_config import check_dims, layer_config
-from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
+from spec_convert.layer_config import midlayer_config
 from spec_convert.source import Source
 from spec_convert.strict import map_tensors
 from spec_convert.target import Target
 
 NAME = "specforge"
-PROJECT = "sgl-project/SpecForge (SGLang EAGLE-3 layout)"
-WHAT = "a SpecForge EAGLE-3 draft"
+ORIGIN = Origin(
+    NAME, "sgl-project/SpecForge (SGLang EAGLE-3 layout)", "a SpecForge EAGLE-3 draft", source_name
+)
 
 EAGLE_KEYS = {
     "draft_vocab_size",
@@ -51,6 +51,16 @@ def default_layers(num_layers: int) -> list[int]:
     return [x + 1 for x in sorted({1, L // 2 - 1, L - 4})]
 
 
+LAYERS = LayerIds(
+    default_layers,
+    "SpecForge's default capture layers [1, L//2-1, L-4] count decoder-layer outputs "
+    "(specforge/algorithms/model_providers.py), which are vLLM capture ids 2, L//2, L-3",
+    field="eagle_config.eagle_aux_hidden_state_layer_ids",
+    convention="SGLang/SpecForge count the output of decoder layer x",
+    shift=1,
+)
+
+
 def convert(src: Source, target: Target, options: Options):
     cfg = src.config
     problems = [
@@ -68,50 +78,21 @@ def convert(src: Source, target: Target, options: Options):
             "config.json: norm_output is false (SpecForge then computes logits without the final norm), "
             "which vLLM's EAGLE-3 cannot run"
         )
-    lc, notes = layer_config(cfg, skip=EAGLE_KEYS, num_layers=1, target=target)
-    if cfg.get("num_hidden_layers", 1) != 1:
-        notes.append(
-            f"config.json: num_hidden_layers {cfg['num_hidden_layers']} ignored; the draft has one midlayer"
-        )
-    problems += check_dims(lc, cfg, target)
-    eagle_config = cfg.get("eagle_config") or {}
-    recorded = (
-        eagle_config.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle_config, dict) else None
-    )
-    m = map_tensors(src.tensors, rename, DROPS)
-    ids, layer_how, layer_problems = resolve_layer_ids(
-        override=options.layers,
-        recorded=list(recorded) if recorded else None,
-        shift=1,
-        default=default_layers(target.num_layers),
-        field="eagle_config.eagle_aux_hidden_state_layer_ids",
-        convention="SGLang/SpecForge count the output of decoder layer x",
-        default_rule=(
-            "SpecForge's default capture layers [1, L//2-1, L-4] count decoder-layer outputs "
-            "(specforge/algorithms/model_providers.py), which are vLLM capture ids 2, L//2, L-3"
-        ),
-        target=target,
-        n_inputs=fc_inputs(m.tensors.get("fc.weight"), target),
-    )
-    k, k_how = speculative_tokens(options)
+    lc, notes, dim_problems = midlayer_config(cfg, EAGLE_KEYS, target)
+    eagle_config = cfg.get("eagle_config") if isinstance(cfg.get("eagle_config"), dict) else {}
     fc_norm = bool(cfg.get("fc_norm", False))
     draft = Draft(
         lc=lc,
-        layer_ids=ids,
         draft_vocab=int(cfg.get("draft_vocab_size") or 0),
-        k=k,
-        provenance={
-            "source": {"format": NAME, "project": PROJECT, "path": str(src.path), "files": src.files},
-            "layer_ids": layer_how,
-            "renamed": {"midlayer.*": "layers.0.*"},
-            "speculative_tokens": k_how,
-            "flags": (
-                f"fc_norm={str(fc_norm).lower()} (config.json fc_norm); SpecForge's norm_output=true is "
-                "vLLM's norm_output=false (pre-norm state fed back); norm_before_residual=false"
-            ),
-        },
+        layers=LAYERS,
+        recorded_layers=eagle_config.get("eagle_aux_hidden_state_layer_ids"),
+        flags_how=(
+            f"fc_norm={str(fc_norm).lower()} (config.json fc_norm); SpecForge's norm_output=true is "
+            "vLLM's norm_output=false (pre-norm state fed back); norm_before_residual=false"
+        ),
         flags={"fc_norm": fc_norm},
+        renamed={"midlayer.*": "layers.0.*"},
         notes=notes,
-        problems=problems + layer_problems,
+        problems=problems + dim_problems,
     )
-    return finish(src, target, m, draft, WHAT, source_name)
+    return finish(src, target, options, map_tensors(src.tensors, rename, DROPS), draft, ORIGIN)

@@ -25,17 +25,15 @@ norm_before_residual to FALSE and copies neither fc_norm nor norm_output, so tho
 
 from __future__ import annotations
 
-from spec_convert.build import Draft, Options, finish, speculative_tokens
+from spec_convert.build import Draft, LayerIds, Options, Origin, finish
 from spec_convert.layer_config import check_dims, layer_config
-from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import ConversionError, map_tensors
 from spec_convert.target import Target
 
 NAME = "speculators"
-PROJECT = "vllm-project/speculators"
-WHAT = "a speculators EAGLE-3 checkpoint"
-WHAT_PEAGLE = "a speculators P-EAGLE checkpoint"
+ORIGIN = Origin(NAME, "vllm-project/speculators", "a speculators EAGLE-3 checkpoint")
+ORIGIN_PEAGLE = Origin(NAME, "vllm-project/speculators", "a speculators P-EAGLE checkpoint")
 
 DROPS = [
     (
@@ -56,6 +54,14 @@ PEAGLE_FLAG_DEFAULTS = {**VLLM_FLAG_DEFAULTS, "norm_before_residual": False}  # 
 def default_layers(num_layers: int) -> list[int]:
     L = num_layers
     return sorted({2, L // 2, L - 3})
+
+
+LAYERS = LayerIds(
+    default_layers,
+    "vLLM then captures its default layers 2, L//2, L-3 (get_eagle3_default_aux_hidden_state_layers)",
+    field="eagle_aux_hidden_state_layer_ids",
+    convention="vLLM capture ids",
+)
 
 
 def convert(src: Source, target: Target, options: Options):
@@ -125,45 +131,23 @@ def convert(src: Source, target: Target, options: Options):
         )
 
     methods = section.get("proposal_methods") or [{}]
-    k, k_how = speculative_tokens(options, methods[0].get("speculative_tokens"))
+    draft = Draft(
+        lc=lc,
+        draft_vocab=int(cfg.get("draft_vocab_size") or lc["vocab_size"]),
+        layers=LAYERS,
+        recorded_layers=cfg.get("eagle_aux_hidden_state_layer_ids"),
+        flags_how=", ".join(f"{key}={str(value).lower()}" for key, value in flags.items()),
+        flags=flags,
+        k=methods[0].get("speculative_tokens"),
+        source={
+            "verifier": old_name,
+            **{key: cfg[key] for key in ("speculators_version", "spec") if key in cfg},
+        },
+        notes=notes,
+        problems=problems,
+        mask_token_id=mask_token_id,
+    )
     m = map_tensors(src.tensors, lambda name: name, DROPS)
     if kind == "peagle" and "mask_hidden" in m.tensors:
         m.tensors["mask_hidden"] = m.tensors["mask_hidden"].reshape(1, -1)  # [1, 1, n_aux*H] as saved
-    recorded = cfg.get("eagle_aux_hidden_state_layer_ids")
-    ids, layer_how, layer_problems = resolve_layer_ids(
-        override=options.layers,
-        recorded=list(recorded) if recorded else None,
-        shift=0,
-        default=default_layers(target.num_layers),
-        field="eagle_aux_hidden_state_layer_ids",
-        convention="vLLM capture ids",
-        default_rule="vLLM then captures its default layers 2, L//2, L-3 (get_eagle3_default_aux_hidden_state_layers)",
-        target=target,
-        n_inputs=fc_inputs(m.tensors.get("fc.weight"), target),
-    )
-    previous = {k: cfg[k] for k in ("speculators_version", "spec") if k in cfg}
-    draft = Draft(
-        lc=lc,
-        layer_ids=ids,
-        draft_vocab=int(cfg.get("draft_vocab_size") or lc["vocab_size"]),
-        k=k,
-        provenance={
-            "source": {
-                "format": NAME,
-                "project": PROJECT,
-                "path": str(src.path),
-                "files": src.files,
-                "verifier": old_name,
-                **previous,
-            },
-            "layer_ids": layer_how,
-            "renamed": {},
-            "speculative_tokens": k_how,
-            "flags": ", ".join(f"{key}={str(value).lower()}" for key, value in flags.items()),
-        },  # fmt: skip
-        flags=flags,
-        notes=notes,
-        problems=problems + layer_problems,
-        mask_token_id=mask_token_id,
-    )
-    return finish(src, target, m, draft, WHAT_PEAGLE if kind == "peagle" else WHAT)
+    return finish(src, target, options, m, draft, ORIGIN_PEAGLE if kind == "peagle" else ORIGIN)

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
+
+from spec_format.cli import comma_separated
 
 
 @click.command("demo-model")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Where to keep the converted model.")
+@click.option("--cache-dir", type=click.Path(), help="Where to keep the converted model.")
 def demo_model(cache_dir: str | None) -> None:
     """Build (once) and print the path of the SmolLM2-135M-Instruct demo target."""
     from spec_datagen.demo_model import demo_model_dir
 
     click.echo(str(demo_model_dir(cache_dir)))
-
-
-def _parse_layers(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 2,15,27,30") from None
 
 
 def _parse_json(value: str | None, what: str) -> dict:
@@ -39,44 +30,94 @@ def _parse_json(value: str | None, what: str) -> dict:
     return parsed
 
 
-@click.command("datagen")
-@click.argument("target", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Conversations: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
-    "datasets.save_to_disk directory (repeat for several; read in the order given).",
+def _data_option(what: str):
+    return click.option(
+        "--data",
+        "data",
+        multiple=True,
+        required=True,
+        type=click.Path(exists=True),
+        help=f"{what}: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
+        "datasets.save_to_disk directory (repeat for several; read in the order given).",
+    )
+
+
+def _max_model_len_option(what: str = ""):
+    return click.option(
+        "--max-model-len",
+        type=click.IntRange(min=16),
+        help=f"Engine context{what} [default: 4096, or the target's own if shorter].",
+    )
+
+
+# Options that several commands share, declared once (click makes a fresh Option per command).
+_on_error_option = click.option(
+    "--on-error",
+    type=click.Choice(["skip", "fail"]),
+    default="skip",
+    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
 )
+_chat_template_option = click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A Jinja chat template file to use instead of the target's own.",
+)
+_chat_template_kwargs_option = click.option(
+    "--chat-template-kwargs",
+    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
+)
+_engine_kwargs_option = click.option("--engine-kwargs", help="JSON object of extra vllm.LLM arguments.")
+_progress_option = click.option("--progress/--no-progress", default=True)
+
+
+def _read_template(path: str | None) -> str | None:
+    from pathlib import Path
+
+    return Path(path).read_text() if path else None
+
+
+def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) -> list[str]:
+    """This command's arguments and options rebuilt from what click parsed (`values` replace some), in
+    declaration order: every option that has a value (defaults spelled out), flags only when they differ
+    from their default. The one source of the argv that datagen records and hands to its jobs."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        value = values.get(param.name, ctx.params[param.name])
+        if param.name in skip or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            argv.append(str(value))
+        elif param.is_flag:
+            if value != param.get_default(ctx):
+                argv.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in value if param.multiple else [value]:
+                argv += [param.opts[0], str(v)]
+    return argv
+
+
+@click.command("datagen", context_settings={"show_default": True})
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@_data_option("Conversations")
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset directory to write."
 )
 @click.option(
     "--layers",
-    default=None,
+    callback=comma_separated(int, "2,15,27,30"),
     help="Comma-separated capture ids in vLLM's convention (k = output of decoder layer k-1, "
     "0 = embeddings, L = last layer before the final norm). Default: EAGLE-3's 2,L/2,L-3,L.",
 )
-@click.option(
-    "--max-len",
-    default=2048,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="Longest sample, in tokens.",
-)
+@click.option("--max-len", default=2048, type=click.IntRange(min=2), help="Longest sample, in tokens.")
 @click.option(
     "--long",
     "long_policy",
     type=click.Choice(["truncate", "skip"]),
     default="truncate",
-    show_default=True,
     help="What to do with samples longer than --max-len.",
 )
 @click.option(
     "--max-samples",
-    default=None,
     type=click.IntRange(min=1),
     help="Use only the first N rows of this job's share of the input (rows skipped as broken or too "
     "long count).",
@@ -85,64 +126,44 @@ def _parse_json(value: str | None, what: str) -> dict:
 @click.option(
     "--shard-index",
     default=0,
-    show_default=True,
     type=click.IntRange(min=0),
     help="This job's index among --num-shards jobs splitting one input (row i goes to job i % n).",
 )
-@click.option("--num-shards", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-shards", default=1, type=click.IntRange(min=1))
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "bf16", "fp8"]),
     default="bf16",
-    show_default=True,
     help="Stored precision of the hidden states.",
 )
-@click.option("--compress", type=click.Choice(["zstd"]), default=None, help="Compress shards.")
-@click.option("--samples-per-shard", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--on-error",
-    type=click.Choice(["skip", "fail"]),
-    default="skip",
-    show_default=True,
-    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
-)
-@click.option(
-    "--chat-template",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A Jinja chat template file to use instead of the target's own.",
-)
-@click.option(
-    "--chat-template-kwargs",
-    default=None,
-    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
-)
+@click.option("--compress", type=click.Choice(["zstd"]), help="Compress shards.")
+@click.option("--samples-per-shard", default=256, type=click.IntRange(min=1))
+@_on_error_option
+@_chat_template_option
+@_chat_template_kwargs_option
 @click.option(
     "--rewritten-turns",
     type=click.Choice(["unmask", "error"]),
     default="unmask",
-    show_default=True,
     help="Assistant turns that the template renders differently once later turns follow (Qwen3 "
     "thinking): leave them out of the loss mask, or refuse the row.",
 )
 @click.option(
     "--tensor-parallel-size",
     default=1,
-    show_default=True,
     type=click.IntRange(min=1),
     help="GPUs per engine (vLLM tensor parallelism).",
 )
 @click.option(
     "--data-parallel-size",
     default=1,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Engines on this machine, each on its own --tensor-parallel-size GPUs and a share of the rows "
     "(jobs of one dataset; see spec_datagen.parallel).",
 )
-@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
+@_engine_kwargs_option
 @click.option("--force", is_flag=True, help="Start even when the disk looks too small for the estimate.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_progress_option
 def datagen(
     target,
     data,
@@ -169,47 +190,34 @@ def datagen(
 ) -> None:
     """Capture TARGET's hidden states over conversations into a spec-format dataset."""
     import shlex
-    from pathlib import Path
 
     from spec_datagen.capture import validate_layer_ids
     from spec_datagen.pipeline import Capturer, write_dataset
     from spec_format.fingerprint import default_eagle3_layers, read_model_config
 
-    layer_ids = _parse_layers(layers)
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
-    layer_ids = validate_layer_ids(layer_ids or default_eagle3_layers(n), n)
-    template_text = Path(chat_template).read_text() if chat_template else None
-    # Everything that decides the dataset's content, with defaults spelled out (recorded in the manifest).
-    content = [str(target), *(a for d in data for a in ("--data", str(d))), "--out", str(out_dir),
-               "--layers", ",".join(map(str, layer_ids)), "--max-len", str(max_len), "--long", long_policy,
-               "--dtype", dtype, "--samples-per-shard", str(samples_per_shard), "--on-error", on_error,
-               "--rewritten-turns", rewritten_turns]  # fmt: skip
-    content += ["--max-samples", str(max_samples)] if max_samples else []
-    content += ["--compress", compress] if compress else []
-    content += ["--chat-template", str(chat_template)] if chat_template else []
-    content += ["--chat-template-kwargs", chat_template_kwargs] if chat_template_kwargs else []
+    layer_ids = validate_layer_ids(layers or default_eagle3_layers(n), n)
+    ctx = click.get_current_context()
+    layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
     if data_parallel_size > 1:
         from spec_datagen.parallel import data_parallel_jobs, run_jobs, visible_devices
 
         jobs = data_parallel_jobs(
             shard_index, num_shards, data_parallel_size, tensor_parallel_size, visible_devices()
         )
-        flags = [
-            f for f, on in (("--resume", resume), ("--force", force), ("--no-progress", not progress)) if on
-        ]
-        extra = ["--engine-kwargs", engine_kwargs] if engine_kwargs else []
-        raise click.exceptions.Exit(
-            run_jobs(jobs, [*content, "--tensor-parallel-size", str(tensor_parallel_size), *extra, *flags])
-        )
-    argv = ["spec", "datagen", *content, "--shard-index", str(shard_index), "--num-shards", str(num_shards)]
+        skip = {"shard_index", "num_shards", "data_parallel_size"}  # each job gets its own shard
+        raise click.exceptions.Exit(run_jobs(jobs, _command_line(ctx, skip, layers=layers)))
+    # The manifest records what decides the dataset's content, not how this run went about it.
+    how = {"resume", "tensor_parallel_size", "data_parallel_size", "engine_kwargs", "force", "progress"}
+    argv = ["spec", "datagen", *_command_line(ctx, how, layers=layers)]
     with Capturer(
         target,
         layer_ids=layer_ids,
         max_len=max_len,
-        chat_template=template_text,
+        chat_template=_read_template(chat_template),
         template_kwargs=template_kwargs,
         rewritten=rewritten_turns,
         tensor_parallel_size=tensor_parallel_size,
@@ -241,14 +249,12 @@ def datagen(
 @click.option(
     "--verifier",
     type=click.Path(exists=True, file_okay=False),
-    default=None,
     help="Serve this target instead of the verifier recorded in the draft (e.g. a local copy).",
 )
 @click.option(
     "-k",
     "--num-speculative-tokens",
     type=click.IntRange(min=1),
-    default=None,
     help="Draft tokens per step (default: the draft's own).",
 )
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
@@ -267,43 +273,27 @@ def serve(
     raise click.exceptions.Exit(code)
 
 
-def _default_context(target: str, cap: int = 4096) -> int:
-    from spec_format.fingerprint import read_model_config
-
-    return min(cap, int(read_model_config(target).get("max_position_embeddings") or cap))
-
-
 def _sampling_options(f):
     """--temperature/--top-p/--top-k/--max-tokens/--seed, shared by regenerate and synth --respond."""
-    f = click.option("--seed", default=None, type=int, help="Seed of sampled replies [default: 0].")(f)
+    f = click.option("--seed", type=int, help="Seed of sampled replies [default: 0].")(f)
     f = click.option(
         "--max-tokens",
-        default=None,
         type=click.IntRange(min=1),
         help="Longest reply in tokens (default: the generation config's max_new_tokens, else 1024).",
     )(f)
-    f = click.option("--top-k", default=None, type=click.IntRange(min=0), help="0 turns top-k off.")(f)
-    f = click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True))(f)
+    f = click.option("--top-k", type=click.IntRange(min=0), help="0 turns top-k off.")(f)
+    f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True))(f)
     f = click.option(
         "--temperature",
-        default=None,
         type=click.FloatRange(min=0),
         help="0 is greedy. Default: the target's generation_config.json, greedy when it sets no sampling.",
     )(f)
     return f
 
 
-@click.command("regenerate")
+@click.command("regenerate", context_settings={"show_default": True})
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Conversations or prompts: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
-    "datasets.save_to_disk directory (repeat for several; read in the order given).",
-)
+@_data_option("Conversations or prompts")
 @click.option(
     "--out",
     "out",
@@ -315,36 +305,13 @@ def _sampling_options(f):
 @click.option(
     "--resume", is_flag=True, help="Keep the complete rows already in --out and continue after them."
 )
-@click.option(
-    "--max-rows", default=None, type=click.IntRange(min=1), help="Regenerate only the first N readable rows."
-)
-@click.option(
-    "--max-model-len",
-    default=None,
-    type=click.IntRange(min=16),
-    help="Engine context (prompt + reply); a turn whose prompt does not fit cuts its conversation there "
-    "[default: 4096, or the target's own if shorter].",
-)
-@click.option(
-    "--on-error",
-    type=click.Choice(["skip", "fail"]),
-    default="skip",
-    show_default=True,
-    help="A malformed row is reported as FILE:LINE and skipped, or stops the run.",
-)
-@click.option(
-    "--chat-template",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A Jinja chat template file to use instead of the target's own.",
-)
-@click.option(
-    "--chat-template-kwargs",
-    default=None,
-    help="JSON object of extra template variables, e.g. '{\"enable_thinking\": false}'.",
-)
-@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--max-rows", type=click.IntRange(min=1), help="Regenerate only the first N readable rows.")
+@_max_model_len_option(" (prompt + reply); a turn whose prompt does not fit cuts its conversation there")
+@_on_error_option
+@_chat_template_option
+@_chat_template_kwargs_option
+@_engine_kwargs_option
+@_progress_option
 def regenerate(
     target,
     data,
@@ -372,6 +339,7 @@ def regenerate(
     from pathlib import Path
 
     from spec_datagen.regenerate import Regenerator, default_sampling, write_regenerated
+    from spec_datagen.runtime import default_context
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
@@ -383,8 +351,8 @@ def regenerate(
     with Regenerator(
         target,
         sampling=sampling,
-        max_model_len=max_model_len or _default_context(target),
-        chat_template=Path(chat_template).read_text() if chat_template else None,
+        max_model_len=max_model_len or default_context(target),
+        chat_template=_read_template(chat_template),
         template_kwargs=template_kwargs,
         engine_kwargs=extra_engine,
     ) as regen:
@@ -395,74 +363,56 @@ def regenerate(
         click.echo(line)
 
 
-@click.command("synth")
+@click.command("synth", context_settings={"show_default": True})
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--n", "n", required=True, type=click.IntRange(min=1), help="Prompts to write (after filtering)."
 )
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, type=int)
 @click.option(
     "--topics",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
     help="A text file of topics, one per line; prompt i is seeded with topic i mod their number.",
 )
 @click.option(
     "--openers",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
     help="A text file of opening words, one per line; prompt i starts with opener i mod their number and "
     "the target writes the rest (steers small models, which ignore --topics).",
 )
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--temperature", default=1.0, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
     "--max-tokens",
     default=256,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Longest prompt in tokens; longer ones are dropped as truncated.",
 )
-@click.option("--min-words", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-words", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--min-words", default=3, type=click.IntRange(min=1))
+@click.option("--max-words", default=200, type=click.IntRange(min=1))
 @click.option(
     "--near-dup",
     default=0.7,
-    show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
     help="Estimated Jaccard similarity (character 5-grams) from which a prompt counts as a near-duplicate.",
 )
 @click.option(
     "--max-attempts",
-    default=None,
     type=click.IntRange(min=1),
     help="Give up after this many generated prompts [default: 20 n + 100].",
 )
 @click.option("--respond", is_flag=True, help="Also write the target's replies (as spec regenerate would).")
 @click.option(
     "--reply-temperature",
-    default=None,
     type=click.FloatRange(min=0),
     help="With --respond [default: the target's generation config, greedy when it sets none].",
 )
-@click.option(
-    "--reply-max-tokens", default=None, type=click.IntRange(min=1), help="With --respond [default: 1024]."
-)
-@click.option(
-    "--max-model-len",
-    default=None,
-    type=click.IntRange(min=16),
-    help="Engine context [default: 4096, or the target's own if shorter].",
-)
-@click.option(
-    "--chat-template",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A Jinja chat template file to use instead of the target's own.",
-)
-@click.option("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--reply-max-tokens", type=click.IntRange(min=1), help="With --respond [default: 1024].")
+@_max_model_len_option()
+@_chat_template_option
+@_engine_kwargs_option
+@_progress_option
 def synth(
     target,
     n,
@@ -493,87 +443,36 @@ def synth(
     """
     from pathlib import Path
 
-    from spec_datagen.conversations import write_rows
-    from spec_datagen.regenerate import Regenerator, RegenStats, RegenSummary, default_sampling
-    from spec_datagen.runtime import make_llm, shutdown_llm
-    from spec_datagen.synth import (
-        TOPIC_SYSTEM,
-        SynthOptions,
-        SynthStats,
-        read_topics,
-        report_lines,
-        synthesize_with_progress,
-        user_turn_prefix,
-    )
-    from spec_datagen.template import ChatRenderer
+    from spec_datagen.regenerate import default_sampling
+    from spec_datagen.synth import SynthOptions, read_topics, synthesize_to_file
 
     if Path(out).exists():
         raise click.UsageError(f"{out} already exists; remove it or pass another --out")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of generation
-    template_text = Path(chat_template).read_text() if chat_template else None
-    renderer = ChatRenderer.for_model(target, template_text)
-    topic_list = read_topics(topics) if topics else None
-    opener_list = read_topics(openers, "opener") if openers else None
-    # A template that cannot seed topics, or none at all, is refused before the engine starts (a minute).
-    user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topic_list[0]) if topic_list else None)
-    options = SynthOptions(
-        seed=seed,
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        min_words=min_words,
-        max_words=max_words,
-        near_dup=near_dup,
-        max_attempts=max_attempts,
+    params = click.get_current_context().params
+    options = SynthOptions(**{f: params[f] for f in SynthOptions.__struct_fields__})  # flags of these names
+    replies = (
+        default_sampling(target, temperature=reply_temperature, max_tokens=reply_max_tokens, seed=seed)
+        if respond
+        else None
     )
-    llm = make_llm(
+    rows, stats, lines = synthesize_to_file(
         target,
-        max_model_len=max_model_len or _default_context(target),
-        **_parse_json(engine_kwargs, "--engine-kwargs"),
+        out,
+        n,
+        chat_template=_read_template(chat_template),
+        topics=read_topics(topics) if topics else None,
+        openers=read_topics(openers, "opener") if openers else None,
+        replies=replies,
+        max_model_len=max_model_len,
+        engine_kwargs=_parse_json(engine_kwargs, "--engine-kwargs"),
+        progress=progress,
+        options=options,
     )
-    try:
-        stats = SynthStats()
-        convs = synthesize_with_progress(
-            llm,
-            renderer,
-            n,
-            options=options,
-            topics=topic_list,
-            openers=opener_list,
-            stats=stats,
-            progress=progress,
-        )
-        prompts = list(convs)
-        reply_lines: list[str] = []
-        if respond and convs:
-            import time
-
-            regen = Regenerator(
-                target,
-                llm=llm,
-                chat_template=template_text,
-                sampling=default_sampling(
-                    target, temperature=reply_temperature, max_tokens=reply_max_tokens, seed=seed
-                ),
-            )
-            rstats = RegenStats()
-            t0 = time.perf_counter()
-            from tqdm import tqdm
-
-            replies = regen.regenerate(convs, stats=rstats)
-            convs = list(tqdm(replies, total=len(convs), desc="replies", unit="conv", disable=not progress,
-                              file=sys.stderr))  # fmt: skip
-            reply_lines = RegenSummary(
-                rstats, time.perf_counter() - t0, 0, regen.sampling.describe(), out
-            ).lines()
-    finally:
-        shutdown_llm(llm)
-    write_rows(out, convs)
-    for line in report_lines(stats, prompts) + reply_lines:
+    for line in lines:
         click.echo(line)
-    click.echo(f"written: {len(convs)} rows to {out}")
-    if len(convs) < n:
+    click.echo(f"written: {rows} rows to {out}")
+    if rows < n:
         raise click.ClickException(
-            f"only {len(convs)} of {n} prompts passed the filters in {stats.attempts} attempts (see 'rejected' above); "
+            f"only {rows} of {n} prompts passed the filters in {stats.attempts} attempts (see 'rejected' above); "
             "raise --max-attempts or --temperature, or loosen --near-dup/--min-words"
         )

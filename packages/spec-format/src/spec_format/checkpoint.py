@@ -151,6 +151,21 @@ def read_config(path: str | Path) -> tuple[SpeculatorConfig, list[str]]:
     return parse_config(raw, str(file))
 
 
+def write_speculative_tokens(path: str | Path, k: int) -> int:
+    """Set the draft's k (`proposal_methods[0].speculative_tokens`) in its config.json, keeping every
+    other field as written; validated before an atomic replace. Returns the old value."""
+    file = Path(path) / CONFIG_NAME
+    read_config(path)  # the file as it is must be valid
+    raw = json.loads(file.read_bytes())
+    old = raw["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
+    raw["speculators_config"]["proposal_methods"][0]["speculative_tokens"] = k
+    parse_config(raw, str(file))
+    tmp = file.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    os.replace(tmp, file)
+    return old
+
+
 def config_to_dict(cfg: SpeculatorConfig) -> dict[str, Any]:
     return msgspec.to_builtins(cfg)
 

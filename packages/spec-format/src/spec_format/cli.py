@@ -25,6 +25,22 @@ ENTRY_POINT_GROUP = "spec.commands"
 PACKAGES = ("spec-format", "spec-datagen", "spec-models", "spec-train", "spec-convert")
 
 
+def comma_separated(kind: type, example: str):
+    """A click option callback for subcommands: "2,15,27" -> [kind(v), ...] (None when not given); anything
+    else is a usage error that shows `example`."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
+        if value is None:
+            return None
+        try:
+            return [kind(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give comma-separated {noun}, e.g. {example}") from None
+
+    return parse
+
+
 def installed_versions() -> dict[str, str]:
     """Versions of the spec packages installed in this environment."""
     found = {}

@@ -12,17 +12,21 @@ from pathlib import Path
 
 import click
 
+from spec_format.cli import comma_separated
 from spec_train.algorithms import BUILTIN
 
 
-def _concurrency(value: str) -> list[int]:
+def _int_list(value: str, what: str, example: str) -> list[int]:
+    """Comma-separated positive integers; anything else is a SpecError (one line, before any engine starts)."""
+    from spec_format.errors import SpecError
+
     try:
         levels = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"'{value}': expected comma-separated integers such as 1,8") from None
+        raise SpecError(f"{what} '{value}': expected comma-separated integers such as {example}") from None
     if not levels or min(levels) < 1:
-        raise click.BadParameter(f"'{value}': concurrency levels must be positive integers")
-    return levels
+        raise SpecError(f"{what} '{value}': every value must be a positive integer, such as {example}")
+    return sorted(set(levels))
 
 
 @click.command("eval")
@@ -44,19 +48,50 @@ def _concurrency(value: str) -> list[int]:
     "-k",
     "--k",
     "k",
-    type=click.IntRange(min=1),
     default=None,
-    help="Draft tokens per step (default: the draft's).",
+    help="Draft tokens per step, or several to sweep, e.g. 1,2,3,4,6 (default: the draft's).",
+)
+@click.option(
+    "--write-k",
+    is_flag=True,
+    help="Write the best single-stream k (highest median speed-up) into the draft's config.json.",
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
 @click.option(
-    "--concurrency", default="1", show_default=True, help="Comma-separated concurrency levels, e.g. 1,8."
+    "--concurrency",
+    default="1",
+    show_default=True,
+    help="Comma-separated concurrency levels, e.g. 1,8 (1 is always measured).",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Interleaved timing rounds; figures are medians with their spread.",
+)
+@click.option(
+    "--max-engines",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="vLLM engines alive at once (4-5 GB each): the target alone + the speculative ones timed beside it.",
 )
 @click.option(
     "--num-prompts", type=click.IntRange(min=1), default=None, help="At most this many prompts per source."
 )
 @click.option("--no-ngram", is_flag=True, help="Skip the n-gram baseline.")
+@click.option(
+    "--no-suffix",
+    is_flag=True,
+    help="Skip the suffix-decoding baseline (measured when arctic_inference is installed).",
+)
+@click.option(
+    "--allow-mismatch",
+    is_flag=True,
+    help="Only warn when greedy output with speculation differs from the target's (else exit 1).",
+)
 @click.option(
     "--offline", is_flag=True, help="Estimate acceptance without vLLM (target in transformers, greedy)."
 )
@@ -64,7 +99,7 @@ def _concurrency(value: str) -> list[int]:
     "--report",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write eval.json and acceptance.png here.",
+    help="Write eval.json, acceptance.png and speed.png here.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout (logs go to stderr)."
@@ -74,71 +109,91 @@ def eval_cmd(
     sources,
     verifier,
     k,
+    write_k,
     max_tokens,
     temperature,
     concurrency,
+    rounds,
+    max_engines,
     num_prompts,
     no_ngram,
+    no_suffix,
+    allow_mismatch,
     offline,
     report,
     as_json,
 ):
-    """Measure DRAFT_DIR in vLLM: acceptance length per position and speed-up over no speculation and n-gram."""
+    """Measure DRAFT_DIR in vLLM: acceptance length per position and speed-up over no speculation, n-gram
+    and suffix decoding, at one k or over several (--k 1,2,3,4,6), in interleaved timing rounds."""
     import msgspec
 
-    from spec_format.checkpoint import read_config
-    from spec_train.eval_prompts import load_prompt_ids
-    from spec_train.evaluate import evaluate, plot_acceptance
+    from spec_format.checkpoint import read_config, write_speculative_tokens
+    from spec_format.errors import SpecError
+    from spec_train.eval_prompts import load_prompts, warmup_prompt_ids
+    from spec_train.evaluate import (
+        evaluate,
+        mismatch_message,
+        speculative_configs,
+        suffix_available,
+        write_report,
+    )
 
-    levels = _concurrency(concurrency)
-    out = _stdout_for_json() if as_json else None
+    levels = _int_list(concurrency, "--concurrency", "1,8")
     cfg, _ = read_config(draft_dir)
+    own_k = cfg.speculative_tokens
+    ks = _int_list(k, "--k", "1,2,3,4,6") if k else [own_k]
     verifier = verifier or cfg.verifier_name
     if not Path(verifier).is_dir():
-        raise click.UsageError(
-            f"the draft's verifier '{verifier}' is not a local directory: pass --verifier DIR"
+        raise SpecError(f"the draft's verifier '{verifier}' is not a local directory: pass --verifier DIR")
+    if offline and (len(ks) > 1 or write_k):
+        raise SpecError(
+            "--offline estimates acceptance at one k and measures no speed: drop --offline, or pass one --k and no --write-k"
         )
-    k = k or cfg.speculative_tokens
-    prompts = load_prompt_ids(list(sources), verifier, limit=num_prompts)
+    suffix = not no_suffix and not offline and suffix_available()
+    baseline_k = ks[0] if len(ks) == 1 else own_k  # n-gram's k
+    # A k vLLM cannot serve fails here, before any engine starts.
+    speculative_configs(draft_dir, ks, baseline_k, ngram=not no_ngram, suffix=suffix)
+    prompts = load_prompts(list(sources), verifier, limit=num_prompts)
+    ids = [p.ids for p in prompts]
+    out = _stdout_for_json() if as_json else None
+    mismatches: list[str] = []
     if offline:
         from spec_train.simulate import simulate_draft
 
-        run = simulate_draft(draft_dir, verifier, prompts, k, max_tokens)
+        run = simulate_draft(draft_dir, verifier, ids, ks[0], max_tokens)
         result = {
-            "offline": True, "num_prompts": len(prompts), "k": k, "max_tokens": max_tokens,
+            "offline": True, "num_prompts": len(ids), "k": ks[0], "max_tokens": max_tokens,
             "generated_tokens": run.generated_tokens,
             "draft": {"mean_acceptance_length": run.mean_acceptance_length,
                       "acceptance_per_position": run.counters.acceptance_per_position,
                       "counters": msgspec.to_builtins(run.counters)},
         }  # fmt: skip
-        per_position = {"draft (offline)": run.counters.acceptance_per_position}
     else:
-        result = msgspec.to_builtins(
-            evaluate(
-                draft_dir,
-                verifier,
-                prompts,
-                k=k,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                concurrencies=levels,
-                ngram=not no_ngram,
-            )  # fmt: skip
-        )
-        per_position = {"draft": result["draft"]["acceptance_per_position"]}
-        if result.get("ngram"):
-            per_position["ngram"] = result["ngram"]["acceptance_per_position"]
+        evaluation = evaluate(
+            draft_dir, verifier, ids, ks=ks, warmup=warmup_prompt_ids(verifier, ids), sources=[p.source for p in prompts],
+            baseline_k=baseline_k, max_tokens=max_tokens, temperature=temperature, concurrencies=levels,
+            ngram=not no_ngram, suffix=suffix, rounds=rounds, max_engines=max_engines,
+        )  # fmt: skip
+        mismatches = [mismatch_message(m) for m in evaluation.mismatches]
+        if write_k and (allow_mismatch or not mismatches):
+            old = write_speculative_tokens(draft_dir, evaluation.best_k)
+            evaluation.written_k = {
+                "path": str(Path(draft_dir) / "config.json"),
+                "old": old,
+                "new": evaluation.best_k,
+            }
+        result = msgspec.to_builtins(evaluation)
     if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot_acceptance(per_position, report / "acceptance.png", f"{Path(draft_dir).name}, k={k}")
+        write_report(result, report, f"{Path(draft_dir).name}, k={result['k']}")
     if out is not None:
         out.write(json.dumps(result) + "\n")
         out.flush()
     else:
         _print_summary(result)
-    if result.get("outputs_identical") is False:
-        print("warning: outputs with the draft differ from outputs without it (greedy)", file=sys.stderr)
+    for i, message in enumerate(mismatches):
+        if i == 0 and not allow_mismatch:  # the report above is written first: nothing measured is lost
+            raise SpecError(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _stdout_for_json():
@@ -152,22 +207,41 @@ def _stdout_for_json():
 
 def _print_summary(result: dict) -> None:
     draft = result["draft"]
-    click.echo(f"mean acceptance length (k={result['k']}): {draft['mean_acceptance_length']:.3f}")
+    se = draft.get("acceptance_length_stderr")
+    click.echo(
+        f"mean acceptance length (k={result['k']}): {draft['mean_acceptance_length']:.3f}"
+        + (f" ± {se:.3f} (standard error over prompts)" if se is not None else "")
+    )
     click.echo("acceptance per position: " + ", ".join(f"{a:.3f}" for a in draft["acceptance_per_position"]))
     if result.get("offline"):
         return
-    if result.get("ngram"):
-        click.echo(f"n-gram mean acceptance length: {result['ngram']['mean_acceptance_length']:.3f}")
-    for name in ("baseline", "draft", "ngram"):
+    click.echo(f"timing: {result['rounds']} interleaved round(s); medians, ± half the spread (max - min)")
+    if len(result["per_k"]) > 1:
+        for p in result["per_k"]:
+            speeds = ", ".join(
+                f"c={c}: {s['tokens_per_second']:.1f} ± {s['tokens_per_second_spread'] / 2:.1f} tok/s ({s['speedup']:.2f}x)"
+                for c, s in p["per_concurrency"].items()
+            )
+            click.echo(f"  k={p['k']}: acceptance length {p['mean_acceptance_length']:.3f}; {speeds}")
+        best = ", ".join(f"concurrency {c}: k={k}" for c, k in result["best_k_by_concurrency"].items())
+        click.echo(f"best k: {best}")
+    for name in ("ngram", "suffix"):
+        if result.get(name):
+            click.echo(f"{name} mean acceptance length: {result[name]['mean_acceptance_length']:.3f}")
+    for name in ("baseline", "draft", "ngram", "suffix"):
         entry = result.get(name)
         if entry:
             for run in entry["runs"]:
                 speed = entry.get("speedup", {}).get(str(run["concurrency"]))
                 extra = f"  ({speed:.2f}x)" if speed else ""
                 click.echo(
-                    f"{name:>9} @ concurrency {run['concurrency']}: {run['tokens_per_second']:.1f} tok/s{extra}"
+                    f"{name:>9} @ concurrency {run['concurrency']}: {run['tokens_per_second']:.1f} "
+                    f"± {run['tokens_per_second_spread'] / 2:.1f} tok/s{extra}"
                 )
-    click.echo(f"outputs identical with and without the draft: {result['outputs_identical']}")
+    click.echo(f"outputs identical with and without speculation: {result['outputs_identical']}")
+    if result.get("written_k"):
+        w = result["written_k"]
+        click.echo(f"wrote k={w['new']} into {w['path']} (was {w['old']})")
 
 
 @click.command("quickstart")
@@ -197,13 +271,7 @@ def quickstart(out: Path, minutes: float, algorithm: str) -> None:
     click.echo(explain(report, out))
 
 
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 1,0.8,0.64") from None
+_floats = comma_separated(float, "1,0.8,0.64")
 
 
 @click.command("train", context_settings={"show_default": True})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from spec_datagen.conversations import Conversation, RowError, read_conversations
+from spec_datagen.conversations import Conversation, Message, RowError, read_conversations
 from spec_datagen.demo_model import cache_root
 from spec_datagen.template import ChatRenderer
 from spec_format.errors import SpecError
@@ -68,37 +68,56 @@ def _cut_before_last_assistant(conv: Conversation) -> Conversation:
     return conv if last is None else msgspec.structs.replace(conv, messages=conv.messages[:last])
 
 
-def load_prompt_ids(
+class EvalPrompt(msgspec.Struct):
+    ids: list[int]
+    source: str  # FILE:LINE, for messages that name the prompt
+
+
+# Warm-up prompts (first-call costs stay out of the timings); whichever is not in the measured set is used.
+WARMUP_TEXTS = ("Describe a quiet morning in a small harbour town.", "List five uses of a paper clip.")
+
+
+def load_prompts(
     sources: list[str], verifier: str | Path, limit: int | None = None, max_len: int | None = None
-) -> list[list[int]]:
-    """Prompt token ids from each source (up to `limit` per source), rendered for the verifier.
-    Malformed rows are reported as FILE:LINE on stderr and skipped; prompts longer than max_len too."""
+) -> list[EvalPrompt]:
+    """Prompts from each source (up to `limit` per source), rendered for the verifier. Malformed rows are
+    skipped with a FILE:LINE warning on stderr; prompts longer than max_len too. A source with no usable
+    row is an error (one line, naming its first problem)."""
     renderer = ChatRenderer.for_model(verifier)
-    prompts: list[list[int]] = []
+    prompts: list[EvalPrompt] = []
     for source in sources:
-        taken = 0
+        taken, skipped = [], []
         for item in read_conversations([resolve_source(source)]):
-            if limit is not None and taken >= limit:
+            if limit is not None and len(taken) >= limit:
                 break
             if isinstance(item, RowError):
-                print(f"warning: {item.source}: {item.message} (skipped)", file=sys.stderr)
+                skipped.append(f"{item.source}: {item.message}")
                 continue
             conv = _cut_before_last_assistant(item)
             if not conv.messages:
-                print(
-                    f"warning: {conv.source}: no prompt before the first assistant turn (skipped)",
-                    file=sys.stderr,
-                )
+                skipped.append(f"{conv.source}: no prompt before the first assistant turn")
                 continue
             ids = renderer.prompt_ids(conv)
             if max_len is not None and len(ids) > max_len:
-                print(
-                    f"warning: {conv.source}: prompt of {len(ids)} tokens exceeds {max_len} (skipped)",
-                    file=sys.stderr,
-                )
+                skipped.append(f"{conv.source}: prompt of {len(ids)} tokens exceeds {max_len}")
                 continue
-            prompts.append(ids)
-            taken += 1
-    if not prompts:
-        raise SpecError(f"no usable prompts in {', '.join(sources)}")
+            taken.append(EvalPrompt(ids, conv.source))
+        if not taken:
+            first = f"; first: {skipped[0]}" if skipped else ""
+            raise SpecError(f"{source}: no usable prompt ({len(skipped)} rows skipped{first})")
+        for message in skipped:
+            print(f"warning: {message} (skipped)", file=sys.stderr)
+        prompts += taken
     return prompts
+
+
+def warmup_prompt_ids(verifier: str | Path, measured: list[list[int]]) -> list[int]:
+    """A chat prompt for the verifier that is not among the measured prompts."""
+    renderer = ChatRenderer.for_model(verifier)
+    for text in WARMUP_TEXTS:
+        ids = renderer.prompt_ids(Conversation(messages=[Message(role="user", content=text)]))
+        if ids not in measured:
+            return ids
+    raise SpecError(
+        f"every warm-up prompt is also a measured prompt: remove '{WARMUP_TEXTS[0]}' from the data"
+    )

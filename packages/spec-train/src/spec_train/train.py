@@ -26,6 +26,7 @@ import msgspec
 import numpy as np
 import torch
 
+from spec_format.console import say
 from spec_format.dataset import Dataset
 from spec_format.errors import SpecError
 from spec_train import config as config_mod
@@ -40,7 +41,7 @@ from spec_train.targets import VerifierHead
 
 def _say(d: distributed.Dist, msg: str) -> None:
     if d.main:
-        print(f"[spec train] {msg}", file=sys.stderr, flush=True)
+        say(msg, "spec train")
 
 
 def _kill_point(where: str, step: int) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from spec_format.dataset.reader import Dataset
-from spec_format.dataset.shard import file_sha256
 from spec_format.errors import SpecError
+from spec_format.files import file_sha256
 
 
 def _content_problem(shard, vocab: int, counts: np.ndarray) -> str | None:
@@ -43,7 +43,7 @@ def problems(ds: Dataset, deep: bool) -> Iterator[str]:
             continue
         if not deep:
             continue
-        found = file_sha256(path)
+        found = "sha256:" + file_sha256(path)
         if found != info.checksum:
             yield f"{path}: checksum is {found}, the manifest says {info.checksum}; the file is corrupted: restore it"
             complete = False

@@ -137,14 +137,6 @@ class ShardBuilder:
         self.tmp_path.unlink(missing_ok=True)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 class ShardReader:
     """A memory-mapped shard. Opening checks the structure against what the manifest expects (header,
     trailer, index bounds and sums), so a truncated or mismatched shard fails here with one line; the

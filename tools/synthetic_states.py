@@ -1,6 +1,6 @@
 """Synthetic samples with the statistics that matter for storage: heavy-tailed residual-stream values whose
 scale grows with depth, per-channel offsets and scales, and a few "massive activation" channels near
-25,000 (as SmolLM2-135M has at layers 15 and 27). For tests and benchmarks; real data compresses
+25,000 (as SmolLM2-135M has at layers 15 and 27). For tools/bench_dataset.py; real data compresses
 differently (see docs/dataset-format.md)."""
 
 from __future__ import annotations

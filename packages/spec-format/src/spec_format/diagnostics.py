@@ -1,0 +1,21 @@
+"""Diagnostics hooks: environment variables that make spec's commands report on themselves, for test suites
+and fault campaigns. Every such hook lives in this module, so this docstring lists them all:
+
+    SPEC_ENGINE_LOG=FILE   every vLLM engine start (offline engine or OpenAI server, in any process that
+                           inherits the variable) appends "<pid> <kind>" to FILE; the test suite counts
+                           engine starts with it (each costs 35-50 s on two CPU cores).
+
+Unset, a hook does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def record_engine_start(kind: str) -> None:
+    """Append "<pid> <kind>" to $SPEC_ENGINE_LOG when it is set (kind: "llm" or "server")."""
+    log = os.environ.get("SPEC_ENGINE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {kind}\n")

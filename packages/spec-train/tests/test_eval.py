@@ -1,0 +1,272 @@
+"""`spec eval`: the lossless check, acceptance from per-request counters, bad input before any engine
+starts, --write-k, the plotted data, and one k sweep in vLLM.
+
+Engine starts: the shared plain target (key "plain") for the lossless check; the k sweep's spec eval runs
+its engines inside its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~8 s a start instead of ~40 s; its
+timings are then not representative, which this test does not look at).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from spec_datagen.runtime import SpecDecodeCounters, request_counters
+from spec_format.checkpoint import read_config, write_speculative_tokens
+from spec_format.errors import SpecError
+from spec_train.evaluate import (
+    Measurement,
+    acceptance_figure,
+    acceptance_stderr,
+    find_mismatches,
+    first_difference,
+    mismatch_message,
+    speed_figure,
+)
+
+HELD_OUT = ["Explain why the sky is blue.", "Write a haiku about rain.", "What is 17 times 3?"]
+
+
+@pytest.fixture(scope="module")
+def draft(random_eagle3, demo_model, tmp_path_factory) -> Path:
+    """A random-weight EAGLE-3 draft for SmolLM2 at k = 3 (acceptance near zero; the plumbing is tested)."""
+    return random_eagle3(tmp_path_factory.mktemp("eval") / "draft", demo_model, k=3)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval-prompts") / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
+    return path
+
+
+@pytest.mark.e2e
+def test_lossless_check_finds_the_first_altered_token(vllm_engine, demo_model):
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for p in HELD_OUT
+    ]
+    outs = vllm_engine("plain", demo_model).generate(
+        [{"prompt_token_ids": list(p)} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=24),
+        use_tqdm=False,
+    )
+    reference = [list(o.outputs[0].token_ids) for o in outs]
+    assert all(len(r) >= 8 for r in reference)
+    assert first_difference(reference, [list(r) for r in reference]) is None
+
+    altered = [list(r) for r in reference]
+    altered[1][5] = (altered[1][5] + 1) % tok.vocab_size
+    altered[2][3] = (altered[2][3] + 1) % tok.vocab_size  # a later prompt: the first one is reported
+    assert first_difference(reference, altered) == (1, 5)
+    shorter = [list(r) for r in reference]
+    shorter[0] = shorter[0][:7]  # output that stops early differs where it stops
+    assert first_difference(reference, shorter) == (0, 7)
+
+    measured = {
+        "baseline": {1: [Measurement(reference, 1.0, None)]},
+        "draft k=2": {1: [Measurement(reference, 1.0, None), Measurement(altered, 1.0, None)]},
+        "ngram": {1: [Measurement(reference, 1.0, None)]},
+    }
+    sources = [f"held_out.jsonl:{i + 1}" for i in range(3)]
+    (m,) = find_mismatches(measured, ["draft k=2", "ngram"], sources)
+    assert (m.config, m.prompt, m.position, m.round) == ("draft k=2", 1, 5, 2)
+    assert (m.expected, m.got) == (reference[1][5], altered[1][5])
+    message = mismatch_message(m)
+    assert "prompt 1 (held_out.jsonl:2), output token 5" in message and "\n" not in message
+
+
+def test_request_counters_match_vllms_aggregate_definition():
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    # Steps with 0, 0, 1, 2, 3 accepted of k = 3: what vLLM's aggregate counters would count.
+    metrics = RequestSpecDecodeMetrics.new(3)
+    for accepted in (0, 0, 1, 2, 3):
+        metrics.observe(num_draft_tokens=3, num_accepted=accepted)
+    c = request_counters(metrics)
+    assert (c.drafts, c.draft_tokens, c.accepted, c.accepted_per_position) == (5, 15, 6, [3, 2, 1])
+    assert c.mean_acceptance_length == pytest.approx(2.2)
+    assert (c + c).accepted_per_position == [6, 4, 2]
+
+
+def test_acceptance_stderr_is_the_ratio_estimators():
+    # Two prompts with the same rate have no spread; unequal rates give the ratio estimator's error.
+    same = [SpecDecodeCounters(drafts=10, accepted=5), SpecDecodeCounters(drafts=20, accepted=10)]
+    assert acceptance_stderr(same) == 0.0
+    per_prompt = [SpecDecodeCounters(drafts=10, accepted=2), SpecDecodeCounters(drafts=10, accepted=8)]
+    # r = 0.5; residuals -3, 3; sqrt(18 / 2) / 10 = 0.3 (= the standard error of the two rates 0.2, 0.8)
+    assert acceptance_stderr(per_prompt) == pytest.approx(0.3)
+    assert acceptance_stderr(per_prompt[:1]) == 0.0
+
+
+def test_write_speculative_tokens_is_validated_and_keeps_other_fields(draft, tmp_path):
+    d = shutil.copytree(draft, tmp_path / "d")
+    before = json.loads((d / "config.json").read_text())
+    assert write_speculative_tokens(d, 2) == 3
+    after = json.loads((d / "config.json").read_text())
+    assert after["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
+    after["speculators_config"]["proposal_methods"][0]["speculative_tokens"] = 3
+    assert after == before and read_config(d)[0].speculative_tokens == 2
+    with pytest.raises(SpecError, match="speculative_tokens"):
+        write_speculative_tokens(d, 0)
+    assert read_config(d)[0].speculative_tokens == 2 and not list(d.glob(".*tmp*"))
+
+
+def _engine_starts(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--k", "0,2"], "--k '0,2': every value must be a positive integer"),
+        (["--k", "two"], "--k 'two': expected comma-separated integers"),
+        (["--concurrency", "0"], "--concurrency '0': every value must be a positive integer"),
+        (["--bad-prompts"], "no usable prompt (2 rows skipped; first: "),
+    ],
+)
+def test_bad_input_is_one_line_before_any_engine(args, expected, spec_cli, draft, prompt_file, tmp_path):
+    if args == ["--bad-prompts"]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": 3}\n{"nothing": "here"}\n')
+        args = ["--data", str(bad)]
+    log = Path(os.environ["SPEC_ENGINE_LOG"])
+    starts = _engine_starts(log)
+    proc = subprocess.run([spec_cli, "eval", str(draft), "--data", str(prompt_file), *args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert _engine_starts(log) == starts
+
+
+def _in_process_env() -> dict:
+    """The user's choice of in-process engines (spec_datagen.runtime): without the marker this test process
+    sets when its own engines run in-process, which would make the child ignore the choice."""
+    env = {k: v for k, v in os.environ.items() if k != "SPEC_SET_VLLM_MULTIPROCESSING"}
+    return {
+        **env,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
+    }
+
+
+def _line(fig, label):
+    (line,) = [x for x in fig.axes[0].get_lines() if x.get_label() == label]
+    return list(line.get_xdata()), list(line.get_ydata())
+
+
+@pytest.mark.e2e
+def test_k_sweep_writes_the_best_k_and_plots_what_it_measured(spec_cli, draft, prompt_file, tmp_path):
+    d = shutil.copytree(draft, tmp_path / "draft")
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
+    }
+    report_dir = tmp_path / "report"
+    proc = subprocess.run(
+        [spec_cli, "eval", str(d), "--data", str(prompt_file), "--k", "2,1", "--rounds", "2", "--max-tokens", "16",
+         "--concurrency", "1,2", "--max-engines", "2", "--no-suffix", "--write-k", "--report", str(report_dir), "--json"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["rounds"] == 2 and report["outputs_identical"] is True and report["mismatches"] == []
+    assert [p["k"] for p in report["per_k"]] == [1, 2]
+    for p in report["per_k"]:
+        assert len(p["acceptance_per_position"]) == p["k"] and p["acceptance_length_stderr"] >= 0
+        assert set(p["per_concurrency"]) == {"1", "2"}
+        assert all(
+            s["tokens_per_second"] > 0 and s["tokens_per_second_spread"] >= 0
+            for s in p["per_concurrency"].values()
+        )
+    # best_k: the highest median single-stream speed-up, and that k is what went into config.json
+    speed = {p["k"]: p["per_concurrency"]["1"]["speedup"] for p in report["per_k"]}
+    assert report["best_k"] == max(speed, key=lambda k: (speed[k], -k))
+    assert report["written_k"]["old"] == 3 and report["written_k"]["new"] == report["best_k"]
+    assert read_config(d)[0].speculative_tokens == report["best_k"]
+    # today's layout at the chosen k: numbers where numbers were, spreads beside them
+    draft_entry, baseline = report["draft"], report["baseline"]
+    assert report["k"] == draft_entry["k"] == report["best_k"]
+    assert isinstance(draft_entry["speedup"]["1"], float) and draft_entry["counters"]["drafts"] > 0
+    assert draft_entry["speedup"]["1"] == speed[report["best_k"]]
+    # the baseline ran in every round of each of the 3 groups (k=1, k=2, n-gram at the draft's k = 3)
+    assert [len(r["tokens_per_second_rounds"]) for r in baseline["runs"]] == [6, 6]
+    assert [len(r["tokens_per_second_rounds"]) for r in draft_entry["runs"]] == [2, 2]
+    assert report["ngram"]["k"] == 3
+
+    # the pictures show the measured figures
+    assert json.loads((report_dir / "eval.json").read_text()) == report
+    for name in ("acceptance.png", "speed.png"):
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = speed_figure(report, "t")
+    for c in ("1", "2"):
+        xs, ys = _line(fig, f"draft, concurrency {c}")
+        assert xs == [1, 2] and ys == [p["per_concurrency"][c]["tokens_per_second"] for p in report["per_k"]]
+        base = next(r for r in baseline["runs"] if str(r["concurrency"]) == c)["tokens_per_second"]
+        assert _line(fig, f"target alone, concurrency {c}")[1] == [base, base]
+        assert _line(fig, f"n-gram, concurrency {c}")[0] == [3]
+    per_position = {f"draft, k={p['k']}": p["acceptance_per_position"] for p in report["per_k"]}
+    fig = acceptance_figure(per_position, "t")
+    assert _line(fig, "draft, k=2") == ([1, 2], report["per_k"][1]["acceptance_per_position"])
+
+
+@pytest.mark.e2e
+def test_suffix_decoding_baseline_where_installed(spec_cli, draft, prompt_file, tmp_path):
+    """Only where the optional extra is installed (tools/install_suffix_decoding.sh). Engines in their own
+    processes: in-process, stopping a fresh suffix engine tears down vLLM's process-wide parallel state
+    that the still running target-alone engine uses ("pipeline model parallel group is not initialized")."""
+    pytest.importorskip("arctic_inference.suffix_decoding")
+    proc = subprocess.run(
+        [spec_cli, "eval", str(draft), "--data", str(prompt_file), "--k", "1", "--rounds", "2", "--max-tokens", "32",
+         "--no-ngram", "--json"], capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    suffix = report["suffix"]
+    assert report["outputs_identical"] is True and suffix["counters"]["drafts"] > 0
+    assert len(suffix["runs"][0]["tokens_per_second_rounds"]) == 2 and suffix["speedup"]["1"] > 0
+    # a fresh engine for each round: the second round starts with an empty cache again, as the first did
+    assert proc.stderr.count("suffix: starting vLLM") == 2
+
+
+def test_interleaved_rounds_pair_each_speedup_with_its_rounds_baseline():
+    """Fake engines on a machine whose load doubles every round: the target alone makes 10 tokens/s and
+    each draft 2x or 3x that at the same load, so paired speed-ups stay exact while tokens/s drift."""
+    from spec_train.evaluate import Config, _interleaved
+
+    speed = {"baseline": 10.0, "a": 20.0, "b": 30.0, "c": 30.0}
+    started, order = [], []
+
+    def start(config):
+        started.append(config.name)
+        return config.name
+
+    def measure(llm, concurrency, spec):
+        calls = len(order)  # 6 measurements per round with the group [a, b], then 4 with [c]
+        load = 2 ** (calls // 6 if calls < 18 else (calls - 18) // 4)
+        order.append((llm, concurrency))
+        return Measurement([[1] * 40] * 2, 80 / speed[llm] * load, [SpecDecodeCounters()] if spec else None)
+
+    configs = [Config(n, {"method": n}, 1) for n in ("a", "b", "c")]
+    measured, speedups = _interleaved(Config("baseline", None), configs, [1, 4], 3, 2, start, measure)
+    assert started == ["baseline", "a", "b", "c"]  # one start each: groups [a, b] and [c] beside the baseline
+    assert [len(measured[n][1]) for n in ("baseline", "a", "b", "c")] == [6, 3, 3, 3]
+    assert order[:6] == [("baseline", 1), ("baseline", 4), ("a", 1), ("a", 4), ("b", 1), ("b", 4)]
+    assert order[6:8] == [("a", 1), ("a", 4)]  # round 2 starts one later
+    for name, ratio in (("a", 2.0), ("b", 3.0), ("c", 3.0)):
+        assert speedups[name][1] == speedups[name][4] == pytest.approx([ratio] * 3)
+    tps = [40 * 2 / m.seconds for m in measured["a"][1]]
+    assert tps == pytest.approx([20.0, 10.0, 5.0])  # what an unpaired comparison would have mixed
