@@ -73,6 +73,11 @@ def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None
             f"{draft_dir}/config.json: field 'speculators_model_type': no vLLM method is known for "
             f"'{cfg.speculators_model_type}' (known: {', '.join(sorted(SERVING))})"
         )
+    if k and cfg.block_size and k != cfg.block_size - 1:  # block drafters see the whole block at once
+        raise SpecError(
+            f"{draft_dir}/config.json: the draft fills blocks of {cfg.block_size} (field 'block_size'); "
+            f"serve it at k = {cfg.block_size - 1}, not {k}, or train one for that block"
+        )
     return {**extra, "model": str(draft_dir), "num_speculative_tokens": k or cfg.speculative_tokens}
 
 
@@ -264,3 +269,7 @@ def build_eagle3_config(
         tie_word_embeddings=False,
         spec=SpecMetadata(verifier=verifier, provenance=provenance or {}),
     )
+
+
+# Further algorithms register themselves in their own module.
+import spec_format.dflash  # noqa: E402, F401

@@ -210,7 +210,16 @@ def _floats(ctx, param, value):
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or TOML file of settings (TrainConfig field names); flags override it.")  # fmt: skip
 @click.option("--verifier-name", default=None, help="Target name recorded in the draft (e.g. a hub id); default: the --verifier path.")  # fmt: skip
-@click.option("--algorithm", type=click.Choice(["eagle3"]), default=None, help="[default: eagle3]")
+@click.option(
+    "--algorithm",
+    type=click.Choice(["eagle3", "dflash"]),
+    default=None,
+    help="eagle3: one token per draft pass; dflash: a block per pass (spec_train.dflash). [default: eagle3]",
+)
+@click.option("--block-size", type=int, default=None, help="DFlash: anchor + masked slots per block; the draft's k is block size - 1. [default: 8]")  # fmt: skip
+@click.option("--max-anchors", type=int, default=None, help="DFlash: blocks sampled per packed row. [default: 64]")  # fmt: skip
+@click.option("--loss-decay", type=float, default=None, help="DFlash: slot j's loss weight is exp(-(j-1)/x). [default: 4 for blocks of 8, 5 for 10, 7 for 16]")  # fmt: skip
+@click.option("--mask-token-id", type=int, default=None, help="DFlash: the token whose embedding fills masked slots. [default: the tokenizer's mask token, else its last spare special token]")  # fmt: skip
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Fine-tune this draft directory instead of starting from the verifier.")  # fmt: skip
 @click.option("--num-layers", type=int, default=None, help="Draft decoder layers. [default: 1]")
 @click.option("--layer-init", type=click.Choice(["verifier", "random"]), default=None, help="Start the draft's layers as the verifier's layers after its deepest aux layer (fc passing that state through), or from N(0, 0.02). [default: verifier]")  # fmt: skip

@@ -27,7 +27,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     verifier: str  # the verifier's HF model directory (norm, lm_head, embeddings are read from it)
     out: str  # the run directory
     verifier_name: str | None = None  # name vLLM loads as the target (default: the verifier directory)
-    algorithm: Literal["eagle3"] = "eagle3"
+    algorithm: Literal["eagle3", "dflash"] = "eagle3"
     init_from: str | None = None  # fine-tune this draft directory instead of starting from the verifier
 
     # --- draft model
@@ -45,6 +45,13 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fc_norm: bool = False
     norm_output: bool = False
     train_lm_head: bool = True  # False: keep the verifier's lm_head rows frozen
+    # DFlash (spec_train.dflash): blocks of block_size tokens (anchor + block_size - 1 masked slots = the
+    # checkpoint's k), at most max_anchors blocks per packed row, slot weights exp(-(j-1)/loss_decay)
+    # (default: z-lab's gamma for the block size); mask_token_id default: spec_models.dflash.default_mask_token.
+    block_size: int = 8
+    max_anchors: int = 64
+    loss_decay: float | None = None
+    mask_token_id: int | None = None
 
     # --- objective
     loss: Literal["kl", "ce"] = "kl"  # forward KL to the verifier, or CE on the verifier's top-1 token
@@ -134,7 +141,7 @@ def resolve(flags: dict, config_file: str | Path | None = None) -> TrainConfig:
 
 def check(cfg: TrainConfig) -> None:
     """Values that are wrong whatever the data: one line naming the setting."""
-    positive = ("num_layers", "ttt_steps", "loss_chunk", "batch_tokens", "grad_accum", "keep_last",
+    positive = ("num_layers", "ttt_steps", "max_anchors", "loss_chunk", "batch_tokens", "grad_accum", "keep_last",
                 "log_every", "max_val_samples", "max_eval_rows")  # fmt: skip
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -155,6 +162,10 @@ def check(cfg: TrainConfig) -> None:
     ):
         raise SpecError(
             f"--step-weights: give {cfg.ttt_steps} non-negative weights (one per TTT step), not all zero"
+        )
+    if cfg.block_size < 2:
+        raise SpecError(
+            f"--block-size must be at least 2 (the anchor and one drafted token), got {cfg.block_size}"
         )
     if cfg.batch_tokens < 4:
         raise SpecError("--batch-tokens must be at least 4 (a row must hold a token and what it predicts)")

@@ -230,6 +230,7 @@ class RowLoader:
             "position_ids": torch.cat(pos),
             "aux": aux,
             "last": last.contiguous(),
+            "row_key": torch.tensor(-1 if noise_key is None else noise_key),  # seeds DFlash's anchors
         }
 
     def token_view(self, row: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
