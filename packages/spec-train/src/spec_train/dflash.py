@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spec_format.errors import SpecError
 from spec_models.dflash import DFlashDraft, block_inputs
 from spec_train.metrics import chain_counts
 from spec_train.targets import VerifierHead
@@ -144,23 +145,34 @@ class DFlashObjective(nn.Module):
         stats = torch.stack([per.sum(0).detach(), agree.float(), valid.sum(0).float()])
         return loss, stats
 
-    @torch.no_grad()
     def acceptance(self, batch, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.steps
-        mask, pos = batch["loss_mask"], batch["position_ids"]
-        every = candidate_anchors(mask, pos).nonzero().squeeze(1)
-        greedy = self.head.greedy(self.head.normed(batch["last"]), dtype=dtype)  # [T]: token at t+1
-        accepted = torch.zeros(k, dtype=torch.long, device=mask.device)
-        reached = torch.zeros(k, dtype=torch.long, device=mask.device)
-        for i in range(0, len(every), self.max_anchors):
-            anchors = torch.full((self.max_anchors,), -1, dtype=torch.long, device=mask.device)
-            chunk = every[i : i + self.max_anchors]
-            anchors[: len(chunk)] = chunk
-            tpos, valid = slot_targets(mask, pos, anchors, k)
-            with torch.autocast(mask.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                tokens = self.draft.greedy(draft_blocks(self.draft, batch, anchors))  # [N, k]
-            match = tokens == greedy[tpos - 1]
-            a, r = chain_counts(match.T, valid.T)
-            accepted += a
-            reached += r
-        return accepted, reached
+        return block_counts(self.draft, self.head, batch, self.steps, self.max_anchors, dtype)
+
+
+@torch.no_grad()
+def block_counts(
+    draft: DFlashDraft, head: VerifierHead, batch: dict, k: int, anchors_per_pass: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(accepted [k], reached [k]) over every anchor of one packed row (data.RowLoader.load): the chains
+    vLLM's counters count, drafted in passes of `anchors_per_pass` blocks."""
+    if k != draft.spec.k:
+        raise SpecError(
+            f"this DFlash draft fills blocks of {draft.spec.k + 1}: it drafts k = {draft.spec.k}, not {k}"
+        )
+    mask, pos = batch["loss_mask"], batch["position_ids"]
+    every = candidate_anchors(mask, pos).nonzero().squeeze(1)
+    greedy = head.greedy(head.normed(batch["last"]), dtype=dtype)  # [T]: the verifier's token at t+1
+    accepted = torch.zeros(k, dtype=torch.long, device=mask.device)
+    reached = torch.zeros(k, dtype=torch.long, device=mask.device)
+    for i in range(0, len(every), anchors_per_pass):
+        anchors = torch.full((anchors_per_pass,), -1, dtype=torch.long, device=mask.device)
+        chunk = every[i : i + anchors_per_pass]
+        anchors[: len(chunk)] = chunk
+        tpos, valid = slot_targets(mask, pos, anchors, k)
+        with torch.autocast(mask.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            tokens = draft.greedy(draft_blocks(draft, batch, anchors))  # [N, k]
+        a, r = chain_counts((tokens == greedy[tpos - 1]).T, valid.T)
+        accepted += a
+        reached += r
+    return accepted, reached

@@ -154,7 +154,7 @@ def estimate_acceptance(
     cfg = model.config
     k = k or cfg.speculators_config.proposal_methods[0].speculative_tokens
     vdir = _verifier_dir(model, ds, verifier)
-    aux_idx, last_idx = layer_indices(ds, cfg.eagle_aux_hidden_state_layer_ids, vdir)
+    aux_idx, last_idx = layer_indices(ds, cfg.aux_layer_ids, vdir)
     head = VerifierHead(vdir, np.arange(1)).to(next(model.parameters()).device)
     loader = RowLoader(ds.path, aux_idx, last_idx, dataset=ds)
     indices = range(len(ds)) if samples is None else samples
@@ -165,7 +165,12 @@ def estimate_acceptance(
         n = int(ds.lengths[i])
         row = loader.load([(i, n)])
         row = {key: v.to(next(model.parameters()).device) for key, v in row.items()}
-        a, r = incremental_counts(model, head, row, k)
+        if cfg.algorithm == "dflash":  # one block per anchor, as vLLM's DFlash proposer drafts
+            from spec_train.dflash import block_counts
+
+            a, r = block_counts(model, head, row, k)
+        else:
+            a, r = incremental_counts(model, head, row, k)
         accepted += a.cpu()
         reached += r.cpu()
     return estimate(accepted.tolist(), reached.tolist())

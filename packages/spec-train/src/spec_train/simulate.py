@@ -64,7 +64,7 @@ def simulate(draft, target, prompts: list[list[int]], continuations: list[list[i
     """Replay vLLM's greedy verification rounds for each prompt; all prompts' rounds run as one batch."""
     from spec_models import propose
 
-    layer_ids = list(draft.config.eagle_aux_hidden_state_layer_ids)
+    layer_ids = draft.config.aux_layer_ids
     seqs = [p + c for p, c in zip(prompts, continuations)]
     auxes = [aux_states(target, s, layer_ids) for s in seqs]
     # Context end n: tokens s[0..n] are known; the target's prefill already emitted s[len(prompt)].
