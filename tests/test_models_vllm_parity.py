@@ -274,6 +274,69 @@ def test_rms_norm_and_fused_add_norm_are_vllms():
     assert torch.equal(mine[0], normed) and torch.equal(mine[1], residual)
 
 
+# --- P-EAGLE: vLLM's parallel drafting (method eagle3 + parallel_drafting) -------------------------
+
+
+@pytest.mark.e2e
+def test_vllm_parallel_drafting_is_propose_parallel(tmp_path, vllm_engine, demo_model, reference_outputs):
+    """A random P-EAGLE draft served the way spec eval / spec serve serve it (the registered
+    speculative_config) drafts in vLLM exactly what spec_models.propose_parallel drafts, losslessly."""
+    import torch
+    from vllm import SamplingParams
+
+    from spec_datagen.runtime import spec_decode_counters
+    from spec_format.algorithms import vllm_speculative_config
+    from spec_format.checkpoint import read_config
+    from spec_format.validate import validate_checkpoint
+    from spec_format.vocab import build_vocab_mapping
+    from spec_models import init_peagle_from_verifier, load, propose_parallel, save
+
+    k = 4
+    mapping = build_vocab_mapping(np.random.default_rng(0).integers(0, 100, 49152), 4096)
+    model = init_peagle_from_verifier(
+        demo_model, mask_token_id=2, vocab_mapping=mapping, speculative_tokens=k
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name != "embed_tokens.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if name == "mask_hidden" else 0.05))
+    draft = save(model, tmp_path / "draft")
+    assert validate_checkpoint(draft, verifier=demo_model).ok
+
+    spec = vllm_speculative_config(read_config(draft)[0], str(draft))
+    assert spec["parallel_drafting"] is True and spec["num_speculative_tokens"] == k
+    llm = vllm_engine(
+        "parity-peagle", demo_model, speculative_config=spec, worker_extension_cls="vllm_draft_probe.DraftProbe",
+        disable_log_stats=False, enable_prefix_caching=False,
+    )  # fmt: skip
+    calls = tmp_path / "calls"
+    llm.collective_rpc("probe_start", args=(str(calls),))
+    before = spec_decode_counters(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    counters = spec_decode_counters(llm) - before
+    assert [list(o.outputs[0].token_ids) for o in outs] == reference_outputs
+    assert counters.drafts >= MAX_TOKENS and counters.draft_tokens == k * counters.drafts, counters
+
+    cases, _ = _replay_cases(calls)
+    peagle = load(draft, verifier=demo_model)
+    L = max(len(c["next_ids"]) for c in cases)
+    ids = torch.zeros(len(cases), L, dtype=torch.long)
+    aux = torch.zeros(len(cases), L, cases[0]["aux"].shape[1])
+    for i, c in enumerate(cases):
+        ids[i, : len(c["next_ids"])] = torch.tensor(c["next_ids"])
+        aux[i, : len(c["next_ids"])] = torch.from_numpy(c["aux"])
+    ours = propose_parallel(peagle, ids, aux, torch.tensor([len(c["next_ids"]) for c in cases]), k)
+    theirs = torch.tensor([c["drafts"] for c in cases])
+    matched = int((ours == theirs).sum())
+    print(f"peagle: {len(cases)} proposals, {theirs.numel()} draft tokens, {matched} equal; "
+          f"{len(set(theirs.flatten().tolist()))} distinct")  # fmt: skip
+    assert len(set(theirs[:, 1:].flatten().tolist())) >= 10, "parallel slots barely depend on the context"
+    assert matched == theirs.numel(), [(o, t) for o, t in zip(ours.tolist(), theirs.tolist()) if o != t][:5]
+
+
 # --- DFlash: one block-parallel forward per step ----------------------------------------------------
 
 

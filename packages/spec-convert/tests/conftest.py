@@ -276,11 +276,55 @@ def write_speculators_old(
     return out
 
 
+def write_speculators_peagle(
+    out: Path, verifier_dir: Path, *, draft_vocab=128, seed=0, mask_token_id=0, verifier_name="org/target"
+) -> Path:
+    """A speculators P-EAGLE directory as src/speculators/models/peagle/ saves it: PEagleSpeculatorConfig
+    (Eagle3SpeculatorConfig's fields, speculators_model_type "peagle", architectures ["PEagleSpeculator"],
+    mask_token_id, embed_requires_grad true, the COD settings para_depths / down_sample_ratio /
+    down_sample_ratio_min), EAGLE-3's tensors with trained embed_tokens, d2t, t2d, the verifier_lm_head
+    copy, and mask_hidden [1, 1, 3H] (torch.randn(1, 1, 3 * hidden_size))."""
+    v = _verifier(verifier_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lc = {
+        "hidden_size": v["hidden_size"], "intermediate_size": v["intermediate_size"],
+        "num_attention_heads": v["num_attention_heads"], "num_key_value_heads": v["num_key_value_heads"],
+        "num_hidden_layers": 1, "vocab_size": v["vocab_size"], "head_dim": v["head_dim"], "model_type": "llama",
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "rope_theta": 10000.0,
+        "max_position_embeddings": v.get("max_position_embeddings", 2048),
+    }  # fmt: skip
+    cfg = {
+        "architectures": ["PEagleSpeculator"], "draft_vocab_size": draft_vocab, "norm_before_residual": False,
+        "mask_token_id": mask_token_id, "embed_requires_grad": True, "para_depths": 8,
+        "down_sample_ratio": 0.7, "down_sample_ratio_min": 0.2,
+        "eagle_aux_hidden_state_layer_ids": sorted({2, v["num_hidden_layers"] // 2, v["num_hidden_layers"] - 3}),
+        "speculators_config": {
+            "algorithm": "peagle", "default_proposal_method": "greedy",
+            "proposal_methods": [{"accept_tolerance": 0.0, "proposal_type": "greedy", "speculative_tokens": 4, "verifier_accept_k": 1}],
+            "verifier": {"architectures": ["LlamaForCausalLM"], "name_or_path": verifier_name},
+        },
+        "speculators_model_type": "peagle", "speculators_version": "0.4.0", "target_hidden_size": None,
+        "torch_dtype": "bfloat16", "transformer_layer_config": lc,
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    t = draft_weights(v, draft_vocab, seed=seed)
+    d2t, t2d = vocab_mapping(v["vocab_size"], draft_vocab, seed)
+    rng = np.random.default_rng(seed + 5)
+    H = v["hidden_size"]
+    t |= {"d2t": d2t, "t2d": t2d,
+          "embed_tokens.weight": rng.standard_normal((v["vocab_size"], H)).astype(np.float32) * 0.05,
+          "mask_hidden": rng.standard_normal((1, 1, 3 * H)).astype(np.float32),
+          "verifier_lm_head.weight": np.zeros((v["vocab_size"], H), np.float32)}  # fmt: skip
+    save_tensors(out / "model.safetensors", t, float_dtype="bfloat16", metadata={"format": "pt"})
+    return out
+
+
 WRITERS = {
     "eagle3": write_safailab,
     "specforge": write_specforge,
     "modelopt": write_modelopt,
     "speculators": write_speculators_old,
+    "speculators-peagle": write_speculators_peagle,
 }
 
 

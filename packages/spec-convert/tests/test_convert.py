@@ -388,3 +388,46 @@ def test_vllm_reads_every_converted_config(tmp_path, verifier, source_writers, f
     assert hf.architectures == ["Eagle3LlamaForCausalLM"] and hf.eagle_aux_hidden_state_layer_ids == [2, 4, 5]
     assert hf.norm_before_residual is False and hf.fc_norm is (fmt == "specforge")
     assert hf.num_hidden_layers == (2 if fmt == "modelopt" else 1) and hf.draft_vocab_size == 128
+
+
+# --- speculators P-EAGLE -------------------------------------------------------------------------
+
+
+def test_speculators_peagle_converts_with_mask_hidden(tmp_path, verifier, source_writers):
+    from spec_format.validate import validate_checkpoint
+
+    src = source_writers["speculators-peagle"](tmp_path / "sp", verifier, mask_token_id=3)
+    converted, fmt, _ = convert_to_spec(src, tmp_path / "out", verifier)
+    c = converted.config
+    assert fmt == "speculators" and c.speculators_model_type == "peagle" and c.mask_token_id == 3
+    assert c.norm_before_residual is False and c.speculative_tokens == 4
+    assert converted.tensors["mask_hidden"].shape == (1, 3 * 64)
+    assert "embed_tokens.weight" in converted.tensors  # trained by speculators' P-EAGLE: kept
+    assert validate_checkpoint(tmp_path / "out", verifier).ok
+
+
+@pytest.mark.parametrize(
+    "break_it, expected",
+    [
+        ("tensor", "missing tensor 'mask_hidden' (shape [1, 192])"),
+        ("mask_token_id", "field 'mask_token_id'"),
+        ("norm_output", "field 'norm_output' is true"),
+    ],
+)
+def test_broken_speculators_peagle_is_refused_naming_it(
+    tmp_path, verifier, source_writers, break_it, expected
+):
+    from spec_format.tensors import load_tensors, save_tensors
+
+    src = source_writers["speculators-peagle"](tmp_path / "sp", verifier)
+    if break_it == "tensor":
+        t = {k: np.array(v) for k, v in load_tensors(src / "model.safetensors").items() if k != "mask_hidden"}
+        save_tensors(src / "model.safetensors", t, float_dtype="bfloat16")
+    else:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.pop("mask_token_id") if break_it == "mask_token_id" else cfg.update(norm_output=True)
+        (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError) as e:
+        convert_to_spec(src, tmp_path / "out", verifier)
+    assert any(expected in p for p in e.value.problems), e.value.problems
+    assert not (tmp_path / "out").exists()

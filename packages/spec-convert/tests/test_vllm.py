@@ -10,7 +10,7 @@ state through, the decoder layer adds nothing, lm_head is a least-squares fit. v
 proposals only if the converter told vLLM that very layer: an off-by-one in the layer ids hands the draft
 another layer's state and acceptance collapses.
 
-Engines: two on the tiny verifier (a converted SafeAILab draft, a converted SpecForge Eagle-3.1 draft) and one on the real SmolLM2 (a converted two-layer ModelOpt draft), plus the suite's
+Engines: two on the tiny verifier (a converted SafeAILab draft, a converted SpecForge Eagle-3.1 draft) and two on the real SmolLM2 (a converted two-layer ModelOpt draft, a converted speculators P-EAGLE draft), plus the suite's
 shared plain SmolLM2 engine for the reference output.
 """
 
@@ -214,4 +214,21 @@ def test_converted_modelopt_draft_on_smollm2_keeps_greedy_output(
     llm = vllm_engine("convert-modelopt-smollm2", tmp_path / "draft", disable_log_stats=False)
     outputs, counters = greedy(llm, prompts, 32)
     assert counters.drafts > 0 and counters.draft_tokens == 2 * counters.drafts, counters
+    assert outputs == plain
+
+
+def test_converted_speculators_peagle_on_smollm2_drafts_in_parallel(
+    tmp_path, demo_model, source_writers, vllm_engine, spec_cli
+):
+    """A speculators P-EAGLE directory for the real SmolLM2, converted, is served as `vllm serve DIR`
+    serves it (vLLM reads peagle as eagle3 + parallel drafting): k tokens per draft, output unchanged."""
+    src = source_writers["speculators-peagle"](
+        tmp_path / "src", demo_model, draft_vocab=4096, mask_token_id=2
+    )
+    convert(spec_cli, src, "--verifier", demo_model, "--out", tmp_path / "draft")
+    prompts = ["The capital of France is", "Write a haiku about the sea.\n", "1, 2, 3, 4,"]
+    plain, _ = greedy(vllm_engine("plain", demo_model), prompts, 32, counters=False)
+    llm = vllm_engine("convert-peagle-smollm2", tmp_path / "draft", disable_log_stats=False)
+    outputs, counters = greedy(llm, prompts, 32)
+    assert counters.drafts > 0 and counters.draft_tokens == 4 * counters.drafts, counters
     assert outputs == plain

@@ -348,3 +348,51 @@ def test_target_hidden_size_other_than_the_drafts_needs_own_embeddings(tmp_path)
     _mutate_tensors(ckpt, lambda t: t.update({"fc.weight": np.zeros((64, 3 * 96), np.float32)}))
     report = validate_checkpoint(ckpt)
     assert any("missing tensor 'embed_tokens.weight'" in e for e in report.errors), report.errors
+
+
+# --- P-EAGLE ------------------------------------------------------------------------------------
+
+
+def make_peagle_checkpoint(root: Path, mask_token_id=7) -> Path:
+    from spec_format.algorithms import build_peagle_config
+
+    verifier = make_verifier(root)
+    cfg = build_peagle_config(
+        read_model_config(verifier), fingerprint_model_dir(verifier), default_eagle3_layers(8)[:3], VOCAB,
+        mask_token_id,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.standard_normal(s).astype(np.float32) for n, s in layout_for(cfg).required.items()}
+    return write_checkpoint(root / "peagle", cfg, tensors)
+
+
+def test_peagle_checkpoint_validates_and_needs_mask_hidden(tmp_path):
+    ckpt = make_peagle_checkpoint(tmp_path)
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["speculators_model_type"] == "peagle" and raw["mask_token_id"] == 7
+    assert validate_checkpoint(ckpt, tmp_path / "verifier-llama").ok
+    assert load_tensors(ckpt / "model.safetensors")["mask_hidden"].shape == (1, 3 * 64)
+    _mutate_tensors(ckpt, lambda t: t.pop("mask_hidden"))
+    errors = validate_checkpoint(ckpt).errors
+    assert len(errors) == 1 and "missing tensor 'mask_hidden' (expected shape [1, 192])" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [(lambda c: c.pop("mask_token_id"), "mask_token_id"), (lambda c: c.update(mask_token_id=VOCAB), "mask_token_id"),
+     (lambda c: c.update(norm_output=True), "norm_output")],
+)  # fmt: skip
+def test_bad_peagle_configs_name_the_field(tmp_path, edit, field):
+    ckpt = make_peagle_checkpoint(tmp_path)
+    _mutate_config(ckpt, edit)
+    errors = validate_checkpoint(ckpt).errors
+    assert len(errors) == 1 and f"field '{field}'" in errors[0]
+
+
+def test_peagle_serves_as_eagle3_with_parallel_drafting(tmp_path):
+    from spec_format.algorithms import vllm_speculative_config
+
+    cfg, _ = read_config(make_peagle_checkpoint(tmp_path))
+    assert vllm_speculative_config(cfg, "d", 4) == {
+        "method": "eagle3", "parallel_drafting": True, "model": "d", "num_speculative_tokens": 4
+    }  # fmt: skip

@@ -16,7 +16,7 @@ from spec_format.checkpoint import read_config
 from spec_format.validate import validate_checkpoint
 
 FAST = ["--draft-vocab-size", "256", "--batch-tokens", "160", "--no-progress", "--mask-token-id", "5",
-        "--algorithm", "dflash", "--block-size", "4", "--max-anchors", "16"]  # fmt: skip
+        "--algorithm", "dflash", "--ttt-steps", "3", "--max-anchors", "16"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_train_resume_and_layers(ds, verifier, tmp_path, run_train):
         *FAST,
     ]
     base = run_train([*args, "--out", str(tmp_path / "a")])
-    assert "DFlash reads the dataset's layers [2, 4, 5] (capture ids)" in base.stderr
+    assert "DFlash reads the dataset's layers [2, 4, 5] (capture ids), blocks of 4" in base.stderr
     final = tmp_path / "a" / "final"
     assert not validate_checkpoint(final, verifier=verifier).errors
     cfg, _ = read_config(final)
@@ -68,8 +68,8 @@ def test_bad_input(ds, verifier, tmp_path, run_train, capture_dataset):
     )
     res = run_train([str(one), "--verifier", str(verifier), *out, *FAST], check=False)
     assert res.returncode == 1 and "DFlash reads at least two" in res.stderr and "Traceback" not in res.stderr
-    res = run_train([str(ds), "--verifier", str(verifier), *out, *FAST, "--block-size", "1"], check=False)
-    assert res.returncode != 0 and "--block-size must be at least 2" in res.stderr
+    res = run_train([str(ds), "--verifier", str(verifier), *out, *FAST, "--max-anchors", "0"], check=False)
+    assert res.returncode == 1 and "--max-anchors must be at least 1" in res.stderr
     res = run_train([str(ds), "--verifier", str(verifier), *out, "--algorithm", "dflsh"], check=False)
     assert res.returncode != 0 and "dflsh" in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -82,8 +82,8 @@ def test_block_counts_follow_the_proposer(verifier, ds):
     from spec_format.dataset import Dataset
     from spec_format.vocab import build_vocab_mapping
     from spec_models import init_dflash_from_verifier, propose_dflash
-    from spec_train.data import RowLoader
-    from spec_train.dflash import block_counts, candidate_anchors, draft_blocks
+    from spec_train.data import RowLoader, supervised_slots
+    from spec_train.dflash import block_counts, draft_blocks
     from spec_train.metrics import chain_counts
     from spec_train.targets import VerifierHead
 
@@ -99,25 +99,22 @@ def test_block_counts_follow_the_proposer(verifier, ds):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     head = VerifierHead(verifier, np.arange(1))
     row = RowLoader(ds, [0, 1, 2], 3).load([(i, int(d.lengths[i])) for i in range(3)])  # three documents
-    ids, pos, mask = row["input_ids"], row["position_ids"], row["loss_mask"]
-    anchors = candidate_anchors(mask, pos).nonzero().squeeze(1)
+    ids, pos = row["input_ids"], row["position_ids"]
+    eligible = supervised_slots(row["loss_mask"], pos, 3)  # [3, T] at slot t = anchor - 1
+    anchors = eligible[0].nonzero().squeeze(1) + 1
     with torch.no_grad():
         batched = draft.greedy(draft_blocks(draft, row, anchors))  # [N, 3]
     greedy = head.greedy(head.normed(row["last"]))
-    match, eligible = [], []
+    match = torch.zeros_like(eligible)
     for n, a in enumerate(anchors.tolist()):
         start = a - int(pos[a])  # the anchor's document starts here; context = positions 0..a-start-1
         alone = propose_dflash(
             draft, ids[start + 1 : a + 1][None], row["aux"][start:a][None], torch.tensor([a - start])
         )
         assert alone[0].tolist() == batched[n].tolist(), a
-        e = [
-            a + 1 + j < len(ids) and bool(mask[a + 1 + j]) and int(pos[a + 1 + j]) == int(pos[a]) + 1 + j
-            for j in range(3)
-        ]
-        match.append([e[j] and int(batched[n, j]) == int(greedy[a + j]) for j in range(3)])
-        eligible.append(e)
+        for j in range(3):
+            match[j, a - 1] = a + j < len(ids) and int(batched[n, j]) == int(greedy[a + j])
     assert len(set(batched.flatten().tolist())) >= 10, "proposals barely depend on the context"
     acc, reach = block_counts(draft, head, row, 3, anchors_per_pass=8)  # several passes, padded
-    a2, r2 = chain_counts(torch.tensor(match).T, torch.tensor(eligible).T)
+    a2, r2 = chain_counts(match, eligible)
     assert acc.tolist() == a2.tolist() and reach.tolist() == r2.tolist() and reach[0] > 50

@@ -1,10 +1,11 @@
 """The real thing: SmolLM2-135M-Instruct answers prompts (greedy, in vLLM: on-policy data), its hidden
 states are captured, `spec train` trains an EAGLE-3 draft on them, and `spec eval` measures it in vLLM next
 to the target alone and to n-gram speculation: greedy outputs identical, acceptance length above 1 from
-vLLM's own counters, and `spec eval --offline` (no vLLM) within 5% of it.
+vLLM's own counters, and `spec eval --offline` (no vLLM) within 5% of it. The same for a P-EAGLE draft
+fine-tuned from that EAGLE-3 draft.
 
 Engine starts: the plain target (shared with other tests under the key "plain"), then spec eval's three
-(baseline, draft, n-gram) in its subprocess.
+(baseline, draft, n-gram) in its subprocess, and two more (baseline, P-EAGLE draft) in another.
 """
 
 from __future__ import annotations
@@ -107,4 +108,37 @@ def test_spec_eval_measures_the_draft_in_vllm(trained, spec_cli, tmp_path):
     offline = json.loads(proc.stdout)["draft"]["mean_acceptance_length"]
     online = draft["mean_acceptance_length"]
     print(f"acceptance length: vLLM {online:.3f} {draft['acceptance_per_position']}, offline {offline:.3f}")
+    assert abs(offline - online) <= 0.05 * online, (offline, online)
+
+
+@pytest.mark.e2e
+def test_peagle_fine_tuned_from_the_eagle3_draft_in_vllm(trained, demo_model, run_train, spec_cli, tmp_path):
+    """P-EAGLE end to end: the EAGLE-3 draft above fine-tuned into a P-EAGLE draft (spec train --algorithm
+    peagle --init-from), served by vLLM with parallel drafting (method from the checkpoint): greedy output
+    identical, tokens accepted, and spec eval --offline within 5% of vLLM's counters."""
+    run = tmp_path / "peagle"
+    run_train([trained.dataset, "--verifier", str(demo_model), "--out", str(run), "--algorithm", "peagle",
+               "--init-from", trained.run + "/final", "--max-steps", "24", "--save-every", "24",
+               "--batch-tokens", "1024", "--val-fraction", "0.15", "--no-progress"], timeout=1500)  # fmt: skip
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
+    common = [str(run / "final"), "--data", str(prompts), "--max-tokens", "64", "--json"]
+    proc = subprocess.run([spec_cli, "eval", *common, "--concurrency", "1", "--no-ngram"],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    draft = json.loads(proc.stdout)["draft"]
+    assert json.loads(proc.stdout)["outputs_identical"] is True
+    assert draft["counters"]["draft_tokens"] == 3 * draft["counters"]["drafts"] > 0
+    assert draft["mean_acceptance_length"] > 1.0, draft
+    proc = subprocess.run(
+        [spec_cli, "eval", *common, "--offline"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline, online = (
+        json.loads(proc.stdout)["draft"]["mean_acceptance_length"],
+        draft["mean_acceptance_length"],
+    )
+    print(
+        f"P-EAGLE acceptance length: vLLM {online:.3f} {draft['acceptance_per_position']}, offline {offline:.3f}"
+    )
     assert abs(offline - online) <= 0.05 * online, (offline, online)

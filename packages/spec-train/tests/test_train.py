@@ -306,3 +306,26 @@ def test_corrupted_shard_mid_epoch_keeps_last_checkpoint(
     assert "spec validate --deep" in last
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert not validate_checkpoint(run / "final").errors
+
+
+def test_peagle_fine_tunes_an_eagle3_draft_and_resumes_exactly(baseline, ds, verifier, tmp_path, run_train):
+    """--algorithm peagle --init-from an EAGLE-3 draft: a P-EAGLE checkpoint (mask_hidden, k = 4) with the
+    same metrics; COD sampling draws from the saved RNG state, so a run killed mid-step resumes bitwise."""
+    run0, _ = baseline
+
+    def args(run):
+        return [str(ds), "--verifier", str(verifier), "--out", str(run), "--algorithm", "peagle", "--init-from",
+                str(run0 / "final"), "--ttt-steps", "4", "--max-steps", "4", "--save-every", "2", "--keep-last",
+                "10", *FAST]  # fmt: skip
+
+    run_train(args(tmp_path / "a"))
+    assert not validate_checkpoint(tmp_path / "a" / "final", verifier).errors
+    cfg, _ = read_config(tmp_path / "a" / "final")
+    assert cfg.algorithm == "peagle" and cfg.speculative_tokens == 4 and cfg.mask_token_id is not None
+    assert cfg.draft_vocab_size == 256 and "mask_hidden" in weights(tmp_path / "a", 4)
+    assert len(train_lines(tmp_path / "a", "val")[-1]["acceptance"]) == 4
+    assert len(train_lines(tmp_path / "a")[-1]["loss_steps"]) == 4
+    killed = run_train(args(tmp_path / "b"), env={"SPEC_TRAIN_KILL_AT": "step:3"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    run_train([*args(tmp_path / "b"), "--resume"])
+    _assert_same_weights(weights(tmp_path / "b", 4), weights(tmp_path / "a", 4))

@@ -10,7 +10,7 @@ from spec_convert.d2t import vocab_mapping
 from spec_convert.source import Source
 from spec_convert.strict import ConversionError, Mapped, check_layout
 from spec_convert.target import Target
-from spec_format.algorithms import layout_for
+from spec_format.algorithms import as_peagle, layout_for
 from spec_format.checkpoint import (
     ProposalMethod,
     SpecMetadata,
@@ -48,7 +48,8 @@ def eagle3_config(
     norm_output: bool = False,
     extra: dict | None = None,
 ) -> SpeculatorConfig:
-    """The complete EAGLE-3 config; every vLLM flag written explicitly (vLLM's defaults differ by path)."""
+    """The complete EAGLE-3 config; every vLLM flag written explicitly (vLLM's defaults differ by path).
+    A P-EAGLE draft is this config through spec_format.algorithms.as_peagle."""
     return SpeculatorConfig(
         speculators_model_type="eagle3",
         speculators_config=SpeculatorsSection(
@@ -92,6 +93,7 @@ class Draft(msgspec.Struct):
     notes: list[str] = []
     problems: list[str] = []
     full_vocab_reason: str | None = None  # the source code discards d2t/t2d for a full vocabulary
+    mask_token_id: int | None = None  # set: a P-EAGLE draft (EAGLE-3's layer + mask_hidden)
 
 
 class Converted(msgspec.Struct):
@@ -128,6 +130,8 @@ def finish(
     cfg = eagle3_config(
         draft.lc, target, draft.layer_ids, draft.draft_vocab, draft.k, provenance, **draft.flags
     )
+    if draft.mask_token_id is not None:
+        cfg = as_peagle(cfg, draft.mask_token_id)
     problems = draft.problems + check_layout(m, layout_for(cfg), what, source_name)
     if cfg.target_hidden_size is not None and "embed_tokens.weight" not in m.tensors:
         problems.append(

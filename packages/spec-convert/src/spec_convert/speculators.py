@@ -1,4 +1,4 @@
-"""Older vllm-project/speculators EAGLE-3 directories, upgraded to the current schema.
+"""vllm-project/speculators EAGLE-3 and P-EAGLE directories, upgraded to the current schema.
 
 vLLM reads a speculators directory as it is; what changes over the project's history is which fields a
 directory has (src/speculators/models/eagle3.py and models/eagle3/config.py, read through git history):
@@ -15,6 +15,12 @@ directory has (src/speculators/models/eagle3.py and models/eagle3/config.py, rea
   `_keys_to_ignore_on_save`, so they are dropped when present.
 The upgrade keeps vLLM's reading of every field, writes it out explicitly, and adds the verifier
 fingerprint and provenance.
+
+P-EAGLE (`speculators_model_type: "peagle"`, src/speculators/models/peagle/): EAGLE-3's config and tensors
+plus `mask_token_id` (required: vLLM's update_peagle reads it as the draft's pard_token) and the tensor
+`mask_hidden`, saved [1, 1, n_aux*H] by speculators and read by vLLM as [1, n_aux*H] (a view); embeddings
+are trained there (embed_requires_grad) and kept. vLLM's peagle updater defaults a missing
+norm_before_residual to FALSE and copies neither fc_norm nor norm_output, so those two are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from spec_convert.target import Target
 NAME = "speculators"
 PROJECT = "vllm-project/speculators"
 WHAT = "a speculators EAGLE-3 checkpoint"
+WHAT_PEAGLE = "a speculators P-EAGLE checkpoint"
 
 DROPS = [
     (
@@ -43,6 +50,7 @@ VLLM_FLAG_DEFAULTS = {
     "fc_norm": False,
     "norm_output": False,
 }
+PEAGLE_FLAG_DEFAULTS = {**VLLM_FLAG_DEFAULTS, "norm_before_residual": False}  # update_peagle
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -53,10 +61,10 @@ def default_layers(num_layers: int) -> list[int]:
 def convert(src: Source, target: Target, options: Options):
     cfg = src.config
     kind = cfg.get("speculators_model_type")
-    if kind != "eagle3":
+    if kind not in ("eagle3", "peagle"):
         raise ConversionError(
             [
-                f"config.json: speculators_model_type is {kind!r}; spec convert upgrades EAGLE-3 ('eagle3') checkpoints"
+                f"config.json: speculators_model_type is {kind!r}; spec convert upgrades EAGLE-3 ('eagle3') and P-EAGLE ('peagle') checkpoints"
             ]
         )
     section = cfg.get("speculators_config") if isinstance(cfg.get("speculators_config"), dict) else {}
@@ -82,8 +90,23 @@ def convert(src: Source, target: Target, options: Options):
     problems += check_dims(lc, cfg, target)
 
     flags, filled = {}, []
-    for key, vllm_default in VLLM_FLAG_DEFAULTS.items():
+    mask_token_id = None
+    if kind == "peagle":
+        mask_token_id = cfg.get("mask_token_id")
+        if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < target.info.vocab_size:
+            problems.append(
+                f"config.json: field 'mask_token_id' must be a token id of the verifier, found {mask_token_id!r}"
+            )
+            mask_token_id = 0
+        for key in ("fc_norm", "norm_output"):
+            if cfg.get(key):
+                problems.append(
+                    f"config.json: field '{key}' is true; vLLM serves P-EAGLE drafts without {key}"
+                )
+    for key, vllm_default in (PEAGLE_FLAG_DEFAULTS if kind == "peagle" else VLLM_FLAG_DEFAULTS).items():
         flags[key] = bool(cfg[key]) if cfg.get(key) is not None else vllm_default
+        if kind == "peagle" and key in ("fc_norm", "norm_output"):
+            flags[key] = False
         if cfg.get(key) is None:
             filled.append(f"{key}={str(vllm_default).lower()}")
     if filled:
@@ -104,6 +127,8 @@ def convert(src: Source, target: Target, options: Options):
     methods = section.get("proposal_methods") or [{}]
     k, k_how = speculative_tokens(options, methods[0].get("speculative_tokens"))
     m = map_tensors(src.tensors, lambda name: name, DROPS)
+    if kind == "peagle" and "mask_hidden" in m.tensors:
+        m.tensors["mask_hidden"] = m.tensors["mask_hidden"].reshape(1, -1)  # [1, 1, n_aux*H] as saved
     recorded = cfg.get("eagle_aux_hidden_state_layer_ids")
     ids, layer_how, layer_problems = resolve_layer_ids(
         override=options.layers,
@@ -139,5 +164,6 @@ def convert(src: Source, target: Target, options: Options):
         flags=flags,
         notes=notes,
         problems=problems + layer_problems,
+        mask_token_id=mask_token_id,
     )
-    return finish(src, target, m, draft, WHAT)
+    return finish(src, target, m, draft, WHAT_PEAGLE if kind == "peagle" else WHAT)

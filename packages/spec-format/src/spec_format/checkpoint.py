@@ -71,10 +71,9 @@ class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
     # (id k = residual stream after decoder layer k-1).
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
     # DFlash (speculators' field names, spec_format.dflash): the fc inputs in the same capture-id
-    # convention as EAGLE-3's ids (vLLM subtracts 1 for its dflash_config.target_layer_ids); the token
-    # whose embedding fills the masked block slots; block_size = speculative_tokens + 1.
+    # convention as EAGLE-3's ids (vLLM subtracts 1 for its dflash_config.target_layer_ids); the token whose
+    # embedding fills the masked block slots is `mask_token_id` below; block_size = speculative_tokens + 1.
     aux_hidden_state_layer_ids: list[int] | None = None
-    mask_token_id: int | None = None
     block_size: int | None = None
     sample_from_anchor: bool | None = None
     sliding_window_non_causal: bool | None = None
@@ -83,6 +82,9 @@ class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
     fc_norm: bool | None = None
     norm_output: bool | None = None
     embed_requires_grad: bool | None = None
+    # Parallel drafters (P-EAGLE, DFlash): the token id every drafted position after the first reads
+    # (vLLM's `pard_token` / `dflash_config.mask_token_id`).
+    mask_token_id: int | None = None
     # Written by speculators / transformers; accepted and kept, not interpreted.
     architectures: list[str] | None = None
     auto_map: dict[str, Any] | None = None

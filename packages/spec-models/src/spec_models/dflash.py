@@ -163,9 +163,6 @@ class DFlashDraft(nn.Module):
             x, residual = layer(x, residual, cos, sin, attention, i)
         return add_rms_norm(self.norm, x, residual)[0]
 
-    def propose_block(self, next_ids, aux, lengths, num_tokens=None):
-        return propose_dflash(self, next_ids, aux, lengths, num_tokens)
-
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 

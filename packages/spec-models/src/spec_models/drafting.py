@@ -88,8 +88,6 @@ def propose(
     aux [B, L, num_aux * target_hidden]: a_0..a_{n-1} in the same slots; lengths [B].
     Returns [B, num_tokens] target ids: the proposals for x_{n+1}, ..., x_{n+num_tokens}.
     """
-    if hasattr(model, "propose_block"):  # one-pass drafters (DFlash) propose their block themselves
-        return model.propose_block(next_ids, aux, lengths, num_tokens)
     B, L = next_ids.shape
     cache = KVCache.empty(model, B, L + num_tokens)
     pos = torch.arange(L, device=next_ids.device).expand(B, L)

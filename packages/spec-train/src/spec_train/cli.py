@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from spec_train.algorithms import BUILTIN
+
 
 def _concurrency(value: str) -> list[int]:
     try:
@@ -183,12 +185,15 @@ def _print_summary(result: dict) -> None:
     show_default=True,
     help="Rough time budget on a 2-core CPU; more minutes = more data and training (e.g. 60).",
 )
-def quickstart(out: Path, minutes: float) -> None:
+@click.option("--algorithm", type=click.Choice(BUILTIN), default="eagle3", show_default=True, help="The draft to train (spec train --algorithm).")  # fmt: skip
+def quickstart(out: Path, minutes: float, algorithm: str) -> None:
     """The whole pipeline on the shipped SmolLM2-135M-Instruct: synthesise prompts and replies, capture,
-    train an EAGLE-3 draft, and measure it in vLLM."""
-    from spec_train.quickstart import explain, run
+    train a draft (EAGLE-3 by default), and measure it in vLLM."""
+    import msgspec
 
-    report = run(out, minutes)
+    from spec_train.quickstart import Plan, explain, run
+
+    report = run(out, minutes, msgspec.structs.replace(Plan().scaled(minutes), algorithm=algorithm))
     click.echo(explain(report, out))
 
 
@@ -210,17 +215,12 @@ def _floats(ctx, param, value):
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or TOML file of settings (TrainConfig field names); flags override it.")  # fmt: skip
 @click.option("--verifier-name", default=None, help="Target name recorded in the draft (e.g. a hub id); default: the --verifier path.")  # fmt: skip
-@click.option(
-    "--algorithm",
-    type=click.Choice(["eagle3", "dflash"]),
-    default=None,
-    help="eagle3: one token per draft pass; dflash: a block per pass (spec_train.dflash). [default: eagle3]",
-)
-@click.option("--block-size", type=int, default=None, help="DFlash: anchor + masked slots per block; the draft's k is block size - 1. [default: 8]")  # fmt: skip
+@click.option("--algorithm", type=click.Choice(BUILTIN), default=None, help="eagle3: sequential drafting (TTT); peagle: P-EAGLE, all k tokens in one forward; dflash: a block of k = --ttt-steps masked slots filled in one non-causal forward. [default: eagle3]")  # fmt: skip
 @click.option("--max-anchors", type=int, default=None, help="DFlash: blocks sampled per packed row. [default: 64]")  # fmt: skip
-@click.option("--loss-decay", type=float, default=None, help="DFlash: slot j's loss weight is exp(-(j-1)/x). [default: 4 for blocks of 8, 5 for 10, 7 for 16]")  # fmt: skip
-@click.option("--mask-token-id", type=int, default=None, help="DFlash: the token whose embedding fills masked slots. [default: the tokenizer's mask token, else its last spare special token]")  # fmt: skip
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Fine-tune this draft directory instead of starting from the verifier.")  # fmt: skip
+@click.option("--mask-token-id", type=int, default=None, help="P-EAGLE: the token read at drafted positions after the first [default: the verifier's pad/unk token]; DFlash: the token whose embedding fills masked slots [default: the tokenizer's mask token, else its last spare special token].")  # fmt: skip
+@click.option("--cod-ratio", type=float, default=None, help="P-EAGLE COD sampling: depth d keeps max(ratio**d, --cod-min) of the slots. [default: 0.7]")  # fmt: skip
+@click.option("--cod-min", type=float, default=None, help="P-EAGLE COD sampling floor. [default: 0.2]")
 @click.option("--num-layers", type=int, default=None, help="Draft decoder layers. [default: 1]")
 @click.option("--layer-init", type=click.Choice(["verifier", "random"]), default=None, help="Start the draft's layers as the verifier's layers after its deepest aux layer (fc passing that state through), or from N(0, 0.02). [default: verifier]")  # fmt: skip
 @click.option(
@@ -284,7 +284,7 @@ def _floats(ctx, param, value):
 @click.option("--progress/--no-progress", default=None, help="[default: on]")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes on this node: re-runs this command under torchrun.")  # fmt: skip
 def train_command(config_file, nproc, **flags) -> None:
-    """Train a draft (EAGLE-3) on DATASET (spec datagen's output) against its verifier.
+    """Train a draft (EAGLE-3, or --algorithm peagle) on DATASET (spec datagen's output) against its verifier.
 
     Writes RUN/checkpoints/step-NNNNNN/ (speculator directory + training state), RUN/final/ (the latest
     checkpoint, served by `vllm serve RUN/final` or `spec serve`), RUN/best/ (best simulated acceptance on

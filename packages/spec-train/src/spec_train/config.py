@@ -27,7 +27,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     verifier: str  # the verifier's HF model directory (norm, lm_head, embeddings are read from it)
     out: str  # the run directory
     verifier_name: str | None = None  # name vLLM loads as the target (default: the verifier directory)
-    algorithm: Literal["eagle3", "dflash"] = "eagle3"
+    algorithm: str = "eagle3"  # spec_train.algorithms: eagle3, peagle, ...
     init_from: str | None = None  # fine-tune this draft directory instead of starting from the verifier
 
     # --- draft model
@@ -45,13 +45,14 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fc_norm: bool = False
     norm_output: bool = False
     train_lm_head: bool = True  # False: keep the verifier's lm_head rows frozen
-    # DFlash (spec_train.dflash): blocks of block_size tokens (anchor + block_size - 1 masked slots = the
-    # checkpoint's k), at most max_anchors blocks per packed row, slot weights exp(-(j-1)/loss_decay)
-    # (default: z-lab's gamma for the block size); mask_token_id default: spec_models.dflash.default_mask_token.
-    block_size: int = 8
-    max_anchors: int = 64
-    loss_decay: float | None = None
+    # P-EAGLE (spec_train.peagle): the token fed at drafted positions after the first (default: the
+    # verifier's pad/unk token, else the last id), and COD sampling: depth d >= 1 keeps a random
+    # max(cod_ratio**d, cod_min) of the slots (each a subset of depth d-1's).
     mask_token_id: int | None = None
+    cod_ratio: float = 0.7
+    cod_min: float = 0.2
+    # DFlash (spec_train.dflash): blocks sampled per packed row (each the anchor + ttt_steps masked slots).
+    max_anchors: int = 64
 
     # --- objective
     loss: Literal["kl", "ce"] = "kl"  # forward KL to the verifier, or CE on the verifier's top-1 token
@@ -163,9 +164,15 @@ def check(cfg: TrainConfig) -> None:
         raise SpecError(
             f"--step-weights: give {cfg.ttt_steps} non-negative weights (one per TTT step), not all zero"
         )
-    if cfg.block_size < 2:
+    from spec_train.algorithms import ALGORITHMS, BUILTIN
+
+    if cfg.algorithm not in BUILTIN and cfg.algorithm not in ALGORITHMS:
         raise SpecError(
-            f"--block-size must be at least 2 (the anchor and one drafted token), got {cfg.block_size}"
+            f"--algorithm {cfg.algorithm}: spec train knows {', '.join(sorted(set(BUILTIN) | set(ALGORITHMS)))}"
+        )
+    if not (0 < cfg.cod_ratio <= 1 and 0 <= cfg.cod_min <= 1):
+        raise SpecError(
+            f"--cod-ratio must be in (0, 1] and --cod-min in [0, 1], got {cfg.cod_ratio}, {cfg.cod_min}"
         )
     if cfg.batch_tokens < 4:
         raise SpecError("--batch-tokens must be at least 4 (a row must hold a token and what it predicts)")

@@ -230,7 +230,6 @@ class RowLoader:
             "position_ids": torch.cat(pos),
             "aux": aux,
             "last": last.contiguous(),
-            "row_key": torch.tensor(-1 if noise_key is None else noise_key),  # seeds DFlash's anchors
         }
 
     def token_view(self, row: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,5 +270,8 @@ def train_batches(
             num_workers=num_workers,
             prefetch_factor=2 if num_workers else None,
             persistent_workers=False,
+            # Its own generator: creating the iterator otherwise draws a worker seed from torch's global
+            # one, which a resume has just restored, and shifts every random draw of the steps after it.
+            generator=torch.Generator().manual_seed(0),
         )
     )

@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spec_models import forward_ttt, ttt_input_ids
-from spec_train.data import supervised_slots
-from spec_train.offline import ttt_counts
+from spec_train.algorithms import get_algorithm
 from spec_train.targets import VerifierHead
 
 
@@ -125,12 +123,16 @@ def chunked_loss(
 
 class Objective(nn.Module):
     """What DDP / FSDP2 wrap: the draft (trained) and the verifier head (buffers), with the whole loss in
-    forward() so that the wrappers see every parameter use."""
+    forward() so that the wrappers see every parameter use. The draft's algorithm (spec_train.algorithms,
+    by its `speculators_model_type`) gives the forward over the drafted depths and the simulated acceptance."""
 
-    def __init__(self, draft: nn.Module, head: VerifierHead, steps: int, kind: str, chunk: int, attn: str):
+    def __init__(
+        self, draft: nn.Module, head: VerifierHead, steps: int, kind: str, chunk: int, attn: str, cfg=None
+    ):
         super().__init__()
-        self.draft, self.head = draft, head
+        self.draft, self.head, self.cfg = draft, head, cfg  # cfg: the run's TrainConfig (None: defaults)
         self.steps, self.kind, self.chunk, self.attn = steps, kind, chunk, attn
+        self.algo = get_algorithm(draft.config.algorithm)
 
     def forward(
         self,
@@ -144,16 +146,15 @@ class Objective(nn.Module):
         With accept_k: (accepted [k], reached [k]) of the simulated acceptance (offline.ttt_counts)
         instead; it runs here so that FSDP2 has gathered the weights."""
         if accept_k is not None:
-            return ttt_counts(self.draft, self.head, batch, accept_k, self.attn, dtype)
-        ids, pos = batch["input_ids"][None], batch["position_ids"][None]  # [1, T]
-        with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            normed = forward_ttt(
-                self.draft, ttt_input_ids(ids, self.steps), batch["aux"][None], pos, self.attn
-            )
-        valid = supervised_slots(batch["loss_mask"], batch["position_ids"], self.steps)
+            return self.algo.accept_counts(self.draft, self.head, batch, accept_k, self.attn, dtype)
+        device = batch["input_ids"].device
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            normed, valid = self.algo.forward(
+                self.draft, batch, self.steps, self.attn, self.cfg
+            )  # [S, T, H], [S, T]
         if scale is None:
-            scale = torch.ones(self.steps, device=ids.device)
+            scale = torch.ones(self.steps, device=device)
         return chunked_loss(
-            normed[:, 0], self.draft.lm_head.weight, self.head.normed(batch["last"]), self.head, valid,
+            normed, self.draft.lm_head.weight, self.head.normed(batch["last"]), self.head, valid,
             scale, self.chunk, self.kind, dtype,
         )  # fmt: skip

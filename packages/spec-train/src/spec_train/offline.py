@@ -144,6 +144,7 @@ def estimate_acceptance(
     draft's speculative_tokens). The verifier directory defaults to the draft's verifier, else the
     dataset's target, when that is a local directory."""
     from spec_models import load
+    from spec_train.algorithms import get_algorithm
 
     ds = data if isinstance(data, Dataset) else Dataset(data)
     if isinstance(draft, nn.Module):
@@ -152,6 +153,7 @@ def estimate_acceptance(
         model = load(draft, verifier=verifier)
     model.eval()
     cfg = model.config
+    algo = get_algorithm(cfg.algorithm)
     k = k or cfg.speculators_config.proposal_methods[0].speculative_tokens
     vdir = _verifier_dir(model, ds, verifier)
     aux_idx, last_idx = layer_indices(ds, cfg.aux_layer_ids, vdir)
@@ -165,12 +167,7 @@ def estimate_acceptance(
         n = int(ds.lengths[i])
         row = loader.load([(i, n)])
         row = {key: v.to(next(model.parameters()).device) for key, v in row.items()}
-        if cfg.algorithm == "dflash":  # one block per anchor, as vLLM's DFlash proposer drafts
-            from spec_train.dflash import block_counts
-
-            a, r = block_counts(model, head, row, k)
-        else:
-            a, r = incremental_counts(model, head, row, k)
+        a, r = algo.offline_counts(model, head, row, k)
         accepted += a.cpu()
         reached += r.cpu()
     return estimate(accepted.tolist(), reached.tolist())

@@ -2,7 +2,7 @@
 
     prompts synthesised by the target (from openers shipped here) and its own replies  (spec synth --respond)
     -> hidden states captured with vLLM                                                      (spec datagen)
-    -> an EAGLE-3 draft trained on them                                                      (spec train)
+    -> a draft trained on them (EAGLE-3; --algorithm peagle: P-EAGLE)                        (spec train)
     -> acceptance and speed-up measured in vLLM on held-out chat and code prompts            (spec eval)
 
 Each stage is the `spec` command a user would run (printed before it runs) and leaves a `.done` marker,
@@ -38,6 +38,7 @@ class Plan(msgspec.Struct):
     lr: float = 3e-3  # small data, few steps: 3e-3 beat 1e-3 at equal steps (docs/eval.md)
     draft_vocab: int = 4096  # the replies use ~4,400 distinct tokens
     k: int = 3
+    algorithm: str = "eagle3"  # spec train --algorithm (eagle3, peagle)
     eval_prompts: int = 8  # per held-out set (chat: one per category; humaneval)
     eval_tokens: int = 96
 
@@ -104,7 +105,7 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
         "train", str(dataset), "--verifier", model, "--out", str(run_dir), "--max-steps", str(plan.train_steps),
         "--batch-tokens", str(plan.row_tokens), "--grad-accum", str(plan.grad_accum),
         "--loss-mask", plan.loss_mask, "--lr", str(plan.lr), "--draft-vocab-size", str(plan.draft_vocab),
-        "--ttt-steps", str(plan.k), "--resume",
+        "--ttt-steps", str(plan.k), "--algorithm", plan.algorithm, "--resume",
     ))  # fmt: skip
     draft = out / "draft"
     if not (draft / "config.json").is_file():

@@ -3,7 +3,7 @@
 The target runs in transformers: it generates its greedy continuation of each prompt, then one forward over
 prompt + continuation gives the hidden states at the draft's auxiliary layers (vLLM's capture id k =
 transformers' hidden_states[k]). Verification rounds are then replayed exactly as vLLM runs them: with the
-context x_0..x_n, the draft proposes k tokens (spec_models.propose, which matches vLLM's proposer token for
+context x_0..x_n, the draft proposes k tokens (its algorithm's `propose`, which matches vLLM's proposer token for
 token); the longest prefix equal to the target's own tokens is accepted; the target adds one token; the next
 round starts after it. The target's hidden states do not depend on speculation, so one forward serves every
 round. Counting drafts and accepted tokens per position the way vLLM counts them gives the same mean
@@ -62,7 +62,9 @@ def aux_states(target, sequence: list[int], layer_ids: list[int]) -> torch.Tenso
 @torch.no_grad()
 def simulate(draft, target, prompts: list[list[int]], continuations: list[list[int]], k: int) -> SimulatedRun:
     """Replay vLLM's greedy verification rounds for each prompt; all prompts' rounds run as one batch."""
-    from spec_models import propose
+    from spec_train.algorithms import get_algorithm
+
+    propose = get_algorithm(draft.config.algorithm).propose
 
     layer_ids = draft.config.aux_layer_ids
     seqs = [p + c for p, c in zip(prompts, continuations)]

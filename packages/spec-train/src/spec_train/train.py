@@ -28,28 +28,14 @@ import torch
 
 from spec_format.dataset import Dataset
 from spec_format.errors import SpecError
-from spec_format.fingerprint import fingerprint_model_dir
-from spec_format.vocab import build_vocab_mapping
 from spec_train import config as config_mod
 from spec_train import distributed, state
+from spec_train.algorithms import get_algorithm
 from spec_train.config import TrainConfig
-from spec_train.data import (
-    RowLoader,
-    Rows,
-    Stream,
-    layer_indices,
-    row_pad_multiple,
-    split_samples,
-    step_rows,
-    supervised_slots,
-    train_batches,
-)  # fmt: skip
-from spec_train.dflash import DFlashObjective, counted_slots, slot_weights
+from spec_train.data import RowLoader, Rows, Stream, row_pad_multiple, split_samples, step_rows, train_batches
 from spec_train.loss import Objective
 from spec_train.metrics import MetricsLog, estimate, plot
 from spec_train.targets import VerifierHead
-
-DEFAULT_DRAFT_VOCAB = 32768
 
 
 def _say(d: distributed.Dist, msg: str) -> None:
@@ -82,97 +68,6 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> fl
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - 1 - warmup)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-# ---------------------------------------------------------------------------------------------
-# Model: a new draft from the verifier, or an existing draft to fine-tune.
-
-
-def speculative_tokens(cfg: TrainConfig) -> int:
-    """The k the trained draft serves: EAGLE-3's TTT depth, DFlash's masked slots per block."""
-    return cfg.block_size - 1 if cfg.algorithm == "dflash" else cfg.ttt_steps
-
-
-def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
-    """(draft module, positions of its aux layers in the dataset, position of the last layer)."""
-    from spec_models import init_dflash_from_verifier, init_eagle3_from_verifier, load
-
-    vinfo = fingerprint_model_dir(cfg.verifier, name_or_path=cfg.verifier_name)
-    if cfg.init_from:
-        draft = load(cfg.init_from, verifier=cfg.verifier)
-        dcfg = draft.config
-        known = dcfg.spec.verifier if dcfg.spec else None
-        problems = known.mismatches(vinfo) if known else []
-        lc = dcfg.transformer_layer_config
-        if lc.get("vocab_size") != vinfo.vocab_size:
-            problems.append(f"vocab_size: {lc.get('vocab_size')} != {vinfo.vocab_size}")
-        if problems:
-            raise SpecError(f"{cfg.init_from}: this draft was made for another verifier than {cfg.verifier} "
-                            f"({'; '.join(problems)} [draft != verifier])")  # fmt: skip
-        if cfg.draft_vocab_size not in (None, dcfg.draft_vocab_size or vinfo.vocab_size):
-            raise SpecError(f"--draft-vocab-size {cfg.draft_vocab_size}: the draft in {cfg.init_from} has "
-                            f"{dcfg.draft_vocab_size}; a fine-tuned draft keeps its vocabulary")  # fmt: skip
-        if dcfg.algorithm != cfg.algorithm:
-            raise SpecError(
-                f"{cfg.init_from}: is a '{dcfg.algorithm}' draft; pass --algorithm {dcfg.algorithm}"
-            )
-        aux_idx, last_idx = layer_indices(ds, dcfg.aux_layer_ids, cfg.verifier)
-        # The checkpoint serves k = ttt_steps (DFlash: block_size - 1) and names the verifier trained against.
-        sc = dcfg.speculators_config
-        sc = msgspec.structs.replace(
-            sc,
-            proposal_methods=[
-                msgspec.structs.replace(sc.proposal_methods[0], speculative_tokens=speculative_tokens(cfg))
-            ],
-            verifier=msgspec.structs.replace(sc.verifier, name_or_path=vinfo.name_or_path),
-        )
-        from spec_format.checkpoint import SpecMetadata
-
-        spec = msgspec.structs.replace(dcfg.spec or SpecMetadata(), verifier=vinfo)
-        block = cfg.block_size if dcfg.block_size else None
-        draft.config = msgspec.structs.replace(dcfg, speculators_config=sc, spec=spec, block_size=block)
-        if cfg.algorithm == "dflash" and draft.spec.k != speculative_tokens(cfg):
-            raise SpecError(
-                f"--block-size {cfg.block_size}: the draft in {cfg.init_from} fills blocks of {draft.spec.k + 1}"
-            )
-        return draft, aux_idx, last_idx
-
-    aux_idx, last_idx = layer_indices(ds, None, cfg.verifier)
-    aux_ids = [ds.manifest.layer_ids[i] for i in aux_idx]
-    V = vinfo.vocab_size
-    size = cfg.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, V)
-    if size > V:
-        raise SpecError(f"--draft-vocab-size {size} is larger than the verifier's vocabulary ({V})")
-    mapping = None
-    if size < V:
-        mapping = build_vocab_mapping(ds.token_frequencies(V), size)
-        if mapping.num_unseen:
-            _say(d, f"warning: only {size - mapping.num_unseen} distinct supervised tokens in the data; the draft "
-                    f"vocabulary of {size} is filled with {mapping.num_unseen} unseen ids (lowest ids first)")  # fmt: skip
-    if cfg.algorithm == "dflash":
-        if len(aux_ids) < 2:
-            raise SpecError(
-                f"{cfg.dataset}: holds aux layers {aux_ids} besides the last; DFlash reads at least two: capture "
-                "more (spec datagen --algorithm dflash picks its default --layers)"
-            )
-        _say(
-            d,
-            f"DFlash reads the dataset's layers {aux_ids} (capture ids); targets from layer {vinfo.num_hidden_layers}",
-        )
-        draft = init_dflash_from_verifier(
-            cfg.verifier, aux_ids, vocab_mapping=mapping, num_layers=cfg.num_layers,
-            speculative_tokens=speculative_tokens(cfg), mask_token_id=cfg.mask_token_id,
-            name_or_path=cfg.verifier_name, seed=cfg.seed, layers_from_verifier=cfg.layer_init == "verifier",
-        )  # fmt: skip
-        return draft, aux_idx, last_idx
-    draft = init_eagle3_from_verifier(
-        cfg.verifier, aux_layer_ids=aux_ids, vocab_mapping=mapping, num_layers=cfg.num_layers,
-        layer_type=cfg.layer_type, speculative_tokens=cfg.ttt_steps,
-        norm_before_residual=cfg.norm_before_residual, norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm,
-        norm_output=cfg.norm_output, name_or_path=cfg.verifier_name, seed=cfg.seed,
-        layers_from_verifier=cfg.layer_init == "verifier",
-    )  # fmt: skip
-    return draft, aux_idx, last_idx
 
 
 def _with_provenance(draft, cfg: TrainConfig, step: int, ds: Dataset):
@@ -222,7 +117,7 @@ def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
 def evaluate(
     model, rows: list, loader: RowLoader, cfg: TrainConfig, d, dtype, weights, with_loss: bool
 ) -> dict:
-    S = distributed.unwrap(model).steps
+    S = cfg.ttt_steps
     stats = torch.zeros(3, S, device=d.device)
     accepted, reached = torch.zeros(S, device=d.device), torch.zeros(S, device=d.device)
     model.eval()
@@ -273,7 +168,8 @@ def train(cfg: TrainConfig) -> Path:
         raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
     for k in range(len(ds.manifest.shards)):
         ds.shard(k)  # structure of every shard checked now, not mid-epoch (contents: spec validate --deep)
-    draft, aux_idx, last_idx = build_draft(cfg, ds, d)
+    algo = get_algorithm(cfg.algorithm)
+    draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
     split = split_samples(len(ds), cfg.val_fraction, cfg.max_val_samples, cfg.seed)
     if not len(split.val):
         _say(d, f"{len(ds)} sample(s): too few to hold any out; training without validation "
@@ -296,9 +192,7 @@ def train(cfg: TrainConfig) -> Path:
     loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed,
                        all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
     eval_loader = RowLoader(cfg.dataset, aux_idx, last_idx, pad_multiple=pad)  # the dataset's loss mask
-    dflash = cfg.algorithm == "dflash"
-    S = speculative_tokens(cfg)
-    weights = slot_weights(S, cfg.loss_decay) if dflash else config_mod.step_weights(cfg)
+    weights = config_mod.step_weights(cfg)
     _say(d, f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
             f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}, "
@@ -307,10 +201,7 @@ def train(cfg: TrainConfig) -> Path:
     # --- model
     draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
     head = VerifierHead(cfg.verifier, (torch.arange(len(draft.d2t)) + draft.d2t).numpy())
-    if dflash:
-        objective = DFlashObjective(draft, head, cfg.loss, cfg.max_anchors, cfg.seed).to(d.device)
-    else:
-        objective = Objective(draft, head, cfg.ttt_steps, cfg.loss, cfg.loss_chunk, cfg.attn).to(d.device)
+    objective = Objective(draft, head, cfg.ttt_steps, cfg.loss, cfg.loss_chunk, cfg.attn, cfg).to(d.device)
     head.to(dtype=dtype)
     model = distributed.wrap(objective, d, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -395,18 +286,15 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = lr
         # Counted slots per TTT step over the whole global batch (all ranks' rows, from token data alone),
         # so that every rank scales its loss the same and the gradient equals one big batch's.
-        counts = torch.zeros(S)
+        counts = torch.zeros(cfg.ttt_steps)
         step_tokens = 0  # this rank's tokens (padding not counted)
         for r in range(d.world):
             for gr in step_rows(step, r, d.world, cfg.grad_accum):
                 mask, pos = loader.token_view(stream.row(gr))
-                if dflash:
-                    counts += counted_slots(mask, pos, S, cfg.max_anchors, gr, cfg.seed)
-                else:
-                    counts += supervised_slots(mask, pos, cfg.ttt_steps).sum(-1)
+                counts += algo.slot_counts(mask, pos, cfg.ttt_steps, cfg)
                 step_tokens += len(mask) if r == d.rank else 0
         scale = (torch.tensor(weights) / counts.clamp(min=1) * d.world).to(d.device)
-        stats = torch.zeros(3, S, device=d.device)
+        stats = torch.zeros(3, cfg.ttt_steps, device=d.device)
         for m in range(cfg.grad_accum):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
             distributed.sync_gradients(model, m == cfg.grad_accum - 1)

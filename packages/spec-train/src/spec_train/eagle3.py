@@ -1,0 +1,128 @@
+"""EAGLE-3 training: test-time-training (TTT) steps, each depth fed the previous depth's own hidden state
+(spec_models.ttt); a new draft starts from the verifier (spec_models.init_eagle3_from_verifier).
+Registered as the `eagle3` algorithm (spec_train.algorithms)."""
+
+from __future__ import annotations
+
+import sys
+
+import msgspec
+import torch
+
+from spec_format.checkpoint import SpecMetadata
+from spec_format.dataset import Dataset
+from spec_format.errors import SpecError
+from spec_format.fingerprint import fingerprint_model_dir
+from spec_format.vocab import VocabMapping, build_vocab_mapping
+from spec_models import forward_ttt, propose, ttt_input_ids
+from spec_train import distributed
+from spec_train.algorithms import Algorithm, register_algorithm
+from spec_train.config import TrainConfig
+from spec_train.data import layer_indices, supervised_slots
+from spec_train.offline import incremental_counts, ttt_counts
+
+DEFAULT_DRAFT_VOCAB = 32768
+
+
+def _say(d: distributed.Dist, msg: str) -> None:
+    if d.main:
+        print(f"[spec train] {msg}", file=sys.stderr, flush=True)
+
+
+def load_init_draft(cfg: TrainConfig, ds: Dataset):
+    """cfg.init_from loaded to fine-tune: (draft, aux_idx, last_idx). It must have been made for this
+    verifier; its checkpoint will serve k = ttt_steps and name the verifier trained against."""
+    from spec_models import load
+
+    vinfo = fingerprint_model_dir(cfg.verifier, name_or_path=cfg.verifier_name)
+    draft = load(cfg.init_from, verifier=cfg.verifier)
+    dcfg = draft.config
+    known = dcfg.spec.verifier if dcfg.spec else None
+    problems = known.mismatches(vinfo) if known else []
+    lc = dcfg.transformer_layer_config
+    if lc.get("vocab_size") != vinfo.vocab_size:
+        problems.append(f"vocab_size: {lc.get('vocab_size')} != {vinfo.vocab_size}")
+    if problems:
+        raise SpecError(f"{cfg.init_from}: this draft was made for another verifier than {cfg.verifier} "
+                        f"({'; '.join(problems)} [draft != verifier])")  # fmt: skip
+    if cfg.draft_vocab_size not in (None, dcfg.draft_vocab_size or vinfo.vocab_size):
+        raise SpecError(f"--draft-vocab-size {cfg.draft_vocab_size}: the draft in {cfg.init_from} has "
+                        f"{dcfg.draft_vocab_size}; a fine-tuned draft keeps its vocabulary")  # fmt: skip
+    aux_idx, last_idx = layer_indices(ds, dcfg.aux_layer_ids, cfg.verifier)
+    sc = dcfg.speculators_config
+    sc = msgspec.structs.replace(
+        sc,
+        proposal_methods=[msgspec.structs.replace(sc.proposal_methods[0], speculative_tokens=cfg.ttt_steps)],
+        verifier=msgspec.structs.replace(sc.verifier, name_or_path=vinfo.name_or_path),
+    )
+    spec = msgspec.structs.replace(dcfg.spec or SpecMetadata(), verifier=vinfo)
+    draft.config = msgspec.structs.replace(dcfg, speculators_config=sc, spec=spec)
+    return draft, aux_idx, last_idx
+
+
+def draft_vocabulary(cfg: TrainConfig, ds: Dataset, d: distributed.Dist) -> VocabMapping | None:
+    """The draft vocabulary of a new draft: the most frequent supervised tokens (None: the full one)."""
+    V = fingerprint_model_dir(cfg.verifier).vocab_size
+    size = cfg.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, V)
+    if size > V:
+        raise SpecError(f"--draft-vocab-size {size} is larger than the verifier's vocabulary ({V})")
+    if size == V:
+        return None
+    mapping = build_vocab_mapping(ds.token_frequencies(V), size)
+    if mapping.num_unseen:
+        _say(d, f"warning: only {size - mapping.num_unseen} distinct supervised tokens in the data; the draft "
+                f"vocabulary of {size} is filled with {mapping.num_unseen} unseen ids (lowest ids first)")  # fmt: skip
+    return mapping
+
+
+def new_eagle3_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
+    """(a new EAGLE-3 draft from the verifier, aux_idx, last_idx)."""
+    from spec_models import init_eagle3_from_verifier
+
+    aux_idx, last_idx = layer_indices(ds, None, cfg.verifier)
+    draft = init_eagle3_from_verifier(
+        cfg.verifier, aux_layer_ids=[ds.manifest.layer_ids[i] for i in aux_idx],
+        vocab_mapping=draft_vocabulary(cfg, ds, d), num_layers=cfg.num_layers,
+        layer_type=cfg.layer_type, speculative_tokens=cfg.ttt_steps,
+        norm_before_residual=cfg.norm_before_residual, norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm,
+        norm_output=cfg.norm_output, name_or_path=cfg.verifier_name, seed=cfg.seed,
+        layers_from_verifier=cfg.layer_init == "verifier",
+    )  # fmt: skip
+    return draft, aux_idx, last_idx
+
+
+def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
+    if cfg.init_from:
+        draft, aux_idx, last_idx = load_init_draft(cfg, ds)
+        if draft.config.algorithm != "eagle3":
+            raise SpecError(
+                f"--init-from {cfg.init_from}: a '{draft.config.algorithm}' draft; --algorithm eagle3 fine-tunes eagle3 drafts"
+            )
+        return draft, aux_idx, last_idx
+    return new_eagle3_draft(cfg, ds, d)
+
+
+def forward(draft, batch: dict[str, torch.Tensor], steps: int, attn: str, cfg: TrainConfig | None = None):
+    """TTT, teacher-forced: depth j reads x_{t+1+j} and depth j-1's hidden state."""
+    ids, pos = batch["input_ids"][None], batch["position_ids"][None]  # [1, T]
+    normed = forward_ttt(draft, ttt_input_ids(ids, steps), batch["aux"][None], pos, attn)[:, 0]
+    return normed, supervised_slots(batch["loss_mask"], batch["position_ids"], steps)
+
+
+def slot_counts(
+    loss_mask: torch.Tensor, position_ids: torch.Tensor, steps: int, cfg: TrainConfig | None = None
+) -> torch.Tensor:
+    return supervised_slots(loss_mask, position_ids, steps).sum(-1).float()
+
+
+register_algorithm(
+    "eagle3",
+    Algorithm(
+        build_draft=build_draft,
+        forward=forward,
+        slot_counts=slot_counts,
+        accept_counts=ttt_counts,
+        offline_counts=incremental_counts,
+        propose=propose,
+    ),
+)
