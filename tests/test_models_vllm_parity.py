@@ -340,25 +340,22 @@ def test_vllm_parallel_drafting_is_propose_parallel(tmp_path, vllm_engine, demo_
 # --- DFlash: one block-parallel forward per step ----------------------------------------------------
 
 
-def _random_dflash(demo_model, out: Path, num_layers=2, draft_vocab=4096, k=4, seed=0):
+def _random_dflash(demo_model, out: Path, num_layers=2, k=4, seed=0):
     """A DFlash draft for SmolLM2 reading capture ids 2, 15, 27 (EAGLE-3's: the transformers check below
-    covers them), randomised so that proposals depend on context, anchor and slot."""
+    covers them), randomised so that proposals depend on context, anchor and slot. Full vocabulary (z-lab's
+    layout has no d2t) with its own random lm_head, so vLLM must use ours rather than share the target's;
+    the pruned-vocabulary path (d2t) is what spec train writes, served in tests/test_dflash_e2e.py."""
     import torch
 
-    from spec_format.vocab import build_vocab_mapping
     from spec_models import init_dflash_from_verifier, save
 
-    rng = np.random.default_rng(seed)
-    mapping = build_vocab_mapping(rng.integers(0, 100, 49152), draft_vocab)
-    model = init_dflash_from_verifier(
-        demo_model, [2, 15, 27], vocab_mapping=mapping, num_layers=num_layers, speculative_tokens=k
-    )
+    model = init_dflash_from_verifier(demo_model, [2, 15, 27], num_layers=num_layers, speculative_tokens=k)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name not in ("embed_tokens.weight", "lm_head.weight"):
+            elif name != "embed_tokens.weight":
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return save(model, out)
 
@@ -374,12 +371,22 @@ def test_vllm_drafts_what_spec_models_dflash_drafts(
     target_layer_ids list would be [1, 14, 26])."""
     from vllm import SamplingParams
 
+    from spec_convert.convert import convert_to_spec, export_to_zlab
     from spec_datagen.runtime import spec_decode_counters
+    from spec_format.checkpoint import read_checkpoint
     from spec_format.validate import validate_checkpoint
     from spec_models import load, propose_dflash
 
     k = 4
-    draft = _random_dflash(demo_model, tmp_path / "draft", k=k)
+    ours = _random_dflash(demo_model, tmp_path / "ours", k=k)
+    # Served: the draft after a trip through z-lab's layout (target_layer_ids [1, 14, 26]) and back.
+    export_to_zlab(ours, tmp_path / "zlab")
+    draft = tmp_path / "draft"
+    convert_to_spec(tmp_path / "zlab", draft, demo_model)
+    a, b = read_checkpoint(ours), read_checkpoint(draft)
+    assert b[0].aux_hidden_state_layer_ids == [2, 15, 27] and b[0].speculative_tokens == k
+    assert a[1].keys() - {"t2d"} == b[1].keys() - {"t2d"}
+    assert all(np.array_equal(a[1][n], b[1][n]) for n in b[1])
     report = validate_checkpoint(draft, verifier=demo_model)
     assert report.ok and not report.warnings, report
     llm = vllm_engine(

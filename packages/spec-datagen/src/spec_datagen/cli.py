@@ -57,7 +57,15 @@ def _parse_json(value: str | None, what: str) -> dict:
     "--layers",
     default=None,
     help="Comma-separated capture ids in vLLM's convention (k = output of decoder layer k-1, "
-    "0 = embeddings, L = last layer before the final norm). Default: EAGLE-3's 2,L/2,L-3,L.",
+    "0 = embeddings, L = last layer before the final norm). Default: the --algorithm's "
+    "(EAGLE-3, P-EAGLE: 2,L/2,L-3,L; DFlash: five spread over 2..L-2, plus L).",
+)
+@click.option(
+    "--algorithm",
+    default="eagle3",
+    show_default=True,
+    type=click.Choice(["eagle3", "peagle", "dflash"]),
+    help="The draft the dataset is for: picks the default --layers.",
 )
 @click.option(
     "--max-len",
@@ -148,6 +156,7 @@ def datagen(
     data,
     out_dir,
     layers,
+    algorithm,
     max_len,
     long_policy,
     max_samples,
@@ -173,14 +182,15 @@ def datagen(
 
     from spec_datagen.capture import validate_layer_ids
     from spec_datagen.pipeline import Capturer, write_dataset
-    from spec_format.fingerprint import default_eagle3_layers, read_model_config
+    from spec_format.algorithms import default_layers
+    from spec_format.fingerprint import read_model_config
 
     layer_ids = _parse_layers(layers)
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
-    layer_ids = validate_layer_ids(layer_ids or default_eagle3_layers(n), n)
+    layer_ids = validate_layer_ids(layer_ids or default_layers(algorithm, n), n)
     template_text = Path(chat_template).read_text() if chat_template else None
     # Everything that decides the dataset's content, with defaults spelled out (recorded in the manifest).
     content = [str(target), *(a for d in data for a in ("--data", str(d))), "--out", str(out_dir),

@@ -19,7 +19,7 @@ from spec_format.checkpoint import (
     Verifier,
 )
 from spec_format.errors import SpecError
-from spec_format.fingerprint import TargetInfo
+from spec_format.fingerprint import TargetInfo, default_eagle3_layers
 
 Shape = tuple[int, ...]
 
@@ -323,6 +323,23 @@ def as_peagle(cfg: SpeculatorConfig, mask_token_id: int) -> SpeculatorConfig:
         cfg, speculators_model_type="peagle", speculators_config=sc, mask_token_id=mask_token_id,
         fc_norm=False, norm_output=False, architectures=["PEagleSpeculator"],
     )  # fmt: skip
+
+
+# The target layers `spec datagen --algorithm NAME` captures by default (capture ids, the last layer L
+# included for the training targets), by algorithm.
+DEFAULT_LAYERS: dict[str, Callable[[int], list[int]]] = {
+    "eagle3": default_eagle3_layers,
+    "peagle": default_eagle3_layers,
+}
+
+
+def default_layers(algorithm: str, num_hidden_layers: int) -> list[int]:
+    fn = DEFAULT_LAYERS.get(algorithm)
+    if fn is None:
+        raise SpecError(
+            f"--algorithm {algorithm}: no default layers known (known: {', '.join(sorted(DEFAULT_LAYERS))})"
+        )
+    return fn(num_hidden_layers)
 
 
 # Further algorithms register themselves in their own module.

@@ -23,6 +23,7 @@ layers (q/k norms; H-wide inputs), `norm.weight`. `lm_head.weight` and `embed_to
 from __future__ import annotations
 
 from spec_format.algorithms import (
+    DEFAULT_LAYERS,
     Layout,
     Shape,
     draft_layer_config,
@@ -50,6 +51,9 @@ def default_dflash_layers(num_hidden_layers: int, n: int = 5) -> list[int]:
     lo, hi = 1, max(L - 3, 1)
     outs = sorted({round(lo + i * (hi - lo) / (n - 1)) for i in range(n)}) if n > 1 else [L // 2]
     return [o + 1 for o in outs] + [L]
+
+
+DEFAULT_LAYERS["dflash"] = default_dflash_layers
 
 
 def check_dflash_config(cfg: SpeculatorConfig, source: str = "config.json") -> None:
