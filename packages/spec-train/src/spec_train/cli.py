@@ -284,7 +284,7 @@ def _floats(ctx, param, value):
 @click.option("--progress/--no-progress", default=None, help="[default: on]")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes on this node: re-runs this command under torchrun.")  # fmt: skip
 def train_command(config_file, nproc, **flags) -> None:
-    """Train a draft (EAGLE-3, or --algorithm peagle) on DATASET (spec datagen's output) against its verifier.
+    """Train a draft (EAGLE-3, or --algorithm peagle / dflash) on DATASET (spec datagen's output) against its verifier.
 
     Writes RUN/checkpoints/step-NNNNNN/ (speculator directory + training state), RUN/final/ (the latest
     checkpoint, served by `vllm serve RUN/final` or `spec serve`), RUN/best/ (best simulated acceptance on
