@@ -153,7 +153,7 @@ def test_dflash_trained_on_the_eagle3_dataset_in_vllm(trained, demo_model, run_t
     run = tmp_path / "dflash"
     proc = run_train([trained.dataset, "--verifier", str(demo_model), "--out", str(run), "--algorithm", "dflash",
                       "--max-steps", "40", "--save-every", "40", "--batch-tokens", "1024", "--val-fraction", "0.15",
-                      "--draft-vocab-size", "4096", "--lr", "3e-3", "--layer-init", "random", "--no-progress"],
+                      "--draft-vocab-size", "4096", "--lr", "3e-3", "--no-progress"],
                      timeout=1500)  # fmt: skip
     assert "DFlash reads the dataset's layers [2, 15, 27] (capture ids), blocks of 4" in proc.stderr
     prompts = tmp_path / "held_out.jsonl"
