@@ -11,8 +11,10 @@ Layer ids. `aux_hidden_state_layer_ids` use the same convention as EAGLE-3's
 `eagle_aux_hidden_state_layer_ids` (fingerprint.LAYER_CONVENTION): vLLM capture ids, id k = the residual
 stream after decoder layer k-1 = transformers' hidden_states[k]; a dataset captured with layers [2, 15, 27,
 30] feeds a draft with ids [2, 15, 27]. z-lab's `dflash_config.target_layer_ids` count decoder layers whose
-OUTPUT is read, i.e. capture id - 1 (vLLM adds 1 back); spec-convert translates. tests/test_dflash_vllm.py
-proves it: a draft whose output depends on one aux block only is accepted by vLLM only with the right ids.
+OUTPUT is read, i.e. capture id - 1 (vLLM adds 1 back); spec-convert translates. Proved on the real
+target by tests/test_models_vllm_parity.py::test_vllm_drafts_what_spec_models_dflash_drafts: the states
+vLLM hands the DFlash drafter for ids [2, 15, 27] are transformers' hidden_states[2, 15, 27], and its
+proposals (which read all three) equal ours token for token.
 
 Tensors (names vLLM's DFlashQwen3ForCausalLM loads): `fc.weight` [H, n_aux * target_H], `hidden_norm.weight`
 [H] (applied to fc's output, the context every layer's K/V are projected from), `layers.N.*` Qwen3 decoder
