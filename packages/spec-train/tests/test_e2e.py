@@ -2,10 +2,11 @@
 states are captured, `spec train` trains an EAGLE-3 draft on them, and `spec eval` measures it in vLLM next
 to the target alone and to n-gram speculation: greedy outputs identical, acceptance length above 1 from
 vLLM's own counters, and `spec eval --offline` (no vLLM) within 5% of it. The same for a P-EAGLE draft
-fine-tuned from that EAGLE-3 draft.
+fine-tuned from that EAGLE-3 draft, and for a DFlash draft trained from scratch on the same dataset.
 
 Engine starts: the plain target (shared with other tests under the key "plain"), then spec eval's three
-(baseline, draft, n-gram) in its subprocess, and two more (baseline, P-EAGLE draft) in another.
+(baseline, draft, n-gram) in its subprocess, and two more (baseline, P-EAGLE draft) in another, and two
+more (baseline, DFlash draft) in a third.
 """
 
 from __future__ import annotations
@@ -140,5 +141,41 @@ def test_peagle_fine_tuned_from_the_eagle3_draft_in_vllm(trained, demo_model, ru
     )
     print(
         f"P-EAGLE acceptance length: vLLM {online:.3f} {draft['acceptance_per_position']}, offline {offline:.3f}"
+    )
+    assert abs(offline - online) <= 0.05 * online, (offline, online)
+
+
+@pytest.mark.e2e
+def test_dflash_trained_on_the_eagle3_dataset_in_vllm(trained, demo_model, run_train, spec_cli, tmp_path):
+    """DFlash end to end: spec train --algorithm dflash on the dataset captured with EAGLE-3's layers (it
+    reads 2, 15, 27), served by vLLM (method dflash from the checkpoint): greedy output identical, tokens
+    accepted on held-out prompts, and spec eval --offline within 5% of vLLM's counters."""
+    run = tmp_path / "dflash"
+    proc = run_train([trained.dataset, "--verifier", str(demo_model), "--out", str(run), "--algorithm", "dflash",
+                      "--max-steps", "40", "--save-every", "40", "--batch-tokens", "1024", "--val-fraction", "0.15",
+                      "--draft-vocab-size", "4096", "--lr", "3e-3", "--no-progress"],
+                     timeout=1500)  # fmt: skip
+    assert "DFlash reads the dataset's layers [2, 15, 27] (capture ids), blocks of 4" in proc.stderr
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
+    common = [str(run / "final"), "--data", str(prompts), "--max-tokens", "64", "--json"]
+    proc = subprocess.run([spec_cli, "eval", *common, "--concurrency", "1", "--no-ngram"],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    draft = report["draft"]
+    assert report["outputs_identical"] is True
+    assert draft["counters"]["draft_tokens"] == 3 * draft["counters"]["drafts"] > 0
+    assert draft["mean_acceptance_length"] > 1.0, draft
+    proc = subprocess.run(
+        [spec_cli, "eval", *common, "--offline"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline, online = (
+        json.loads(proc.stdout)["draft"]["mean_acceptance_length"],
+        draft["mean_acceptance_length"],
+    )
+    print(
+        f"DFlash acceptance length: vLLM {online:.3f} {draft['acceptance_per_position']}, offline {offline:.3f}"
     )
     assert abs(offline - online) <= 0.05 * online, (offline, online)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-SOURCES = ("auto", "eagle3", "specforge", "modelopt", "speculators")
+SOURCES = ("auto", "eagle3", "specforge", "modelopt", "speculators", "dflash")
 
 
 def _layers(_ctx, _param, value: str | None) -> list[int] | None:
@@ -27,15 +27,16 @@ def _layers(_ctx, _param, value: str | None) -> list[int] | None:
     type=click.Choice(SOURCES),
     default="auto",
     show_default=True,
-    help="Source layout: eagle3 (SafeAILab EAGLE-3), specforge, modelopt, speculators (older directories).",
+    help="Source layout: eagle3 (SafeAILab EAGLE-3), specforge, modelopt, speculators (older directories), dflash (z-lab DFlashDraftModel or speculators dflash).",
 )
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["spec", "eagle3"]),
+    type=click.Choice(["spec", "eagle3", "zlab"]),
     default="spec",
     show_default=True,
-    help="spec: the format vLLM serves; eagle3: export a spec-format SRC to the SafeAILab/SGLang layout.",
+    help="spec: the format vLLM serves; eagle3: export a spec-format SRC to the SafeAILab/SGLang layout; "
+    "zlab: export a spec-format DFlash SRC to z-lab's DFlashDraftModel layout.",
 )
 @click.option(
     "--verifier",
@@ -70,7 +71,7 @@ def convert(
     the format needs must be there with the shape the verifier implies; otherwise nothing is written and
     each problem is printed on its own line."""
     from spec_convert.build import Options
-    from spec_convert.convert import convert_to_spec, export_to_eagle3, summary
+    from spec_convert.convert import convert_to_spec, export_to_eagle3, export_to_zlab, summary
     from spec_convert.strict import ConversionError
 
     try:
@@ -84,6 +85,10 @@ def convert(
             click.echo(f"exported {src} -> {out} (SafeAILab/SGLang EAGLE-3 layout)")
             for line in notes:
                 click.echo(f"  note: {line}")
+            return
+        if to == "zlab":
+            export_to_zlab(src, out, verifier, force)
+            click.echo(f"exported {src} -> {out} (z-lab DFlashDraftModel layout)")
             return
         if verifier is None:
             raise click.UsageError("--verifier is required: the draft's shapes are checked against it")

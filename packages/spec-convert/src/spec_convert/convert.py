@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spec_convert import eagle3, modelopt, specforge, speculators
+from spec_convert import dflash, eagle3, modelopt, specforge, speculators
 from spec_convert.build import Converted, Options
 from spec_convert.output import check_out, staged_dir
 from spec_convert.source import Source, is_torch_source, read_source
@@ -18,12 +18,16 @@ from spec_format.errors import SpecError
 from spec_format.tensors import tensor_dtypes
 from spec_format.validate import validate_checkpoint
 
-FORMATS = {m.NAME: m for m in (eagle3, specforge, modelopt, speculators)}
+FORMATS = {m.NAME: m for m in (eagle3, specforge, modelopt, speculators, dflash)}
 
 
 def detect_format(src: Source) -> tuple[str, str]:
     """(format, why) from the files alone; a SpecError when no known layout fits."""
     cfg = src.config
+    if cfg.get("speculators_model_type") == "dflash":
+        return "dflash", "config.json has speculators_model_type dflash"
+    if isinstance(cfg.get("dflash_config"), dict) or "DFlashDraftModel" in (cfg.get("architectures") or []):
+        return "dflash", "config.json has z-lab's dflash_config / DFlashDraftModel"
     if "speculators_config" in cfg or "speculators_model_type" in cfg:
         return "speculators", "config.json has speculators_config"
     midlayer = any(n.startswith("midlayer.") for n in src.tensors)
@@ -127,6 +131,29 @@ def export_to_eagle3(
     with staged_dir(out, force) as tmp:
         write_eagle3(tmp, config, out_tensors, float_dtype)
     return notes
+
+
+def export_to_zlab(
+    src_dir: str | Path, out: str | Path, verifier: str | Path | None = None, force: bool = False
+) -> None:
+    """Export a spec-format DFlash checkpoint to z-lab's DFlashDraftModel layout (dflash.zlab_layout)."""
+    out = Path(out)
+    check_out(out, force)
+    report = validate_checkpoint(src_dir, verifier)
+    if not report.ok:
+        raise ConversionError(report.errors)
+    cfg, tensors = read_checkpoint(src_dir)
+    if cfg.algorithm != "dflash":
+        raise SpecError(f"{src_dir}: a '{cfg.algorithm}' checkpoint; --to zlab exports DFlash drafts")
+    if cfg.spec is not None and cfg.spec.verifier is not None:
+        num_layers = cfg.spec.verifier.num_hidden_layers
+    elif verifier is not None:
+        num_layers = read_target(verifier).num_layers
+    else:
+        raise SpecError(f"{src_dir}: the checkpoint records no verifier fingerprint; pass --verifier")
+    config, out_tensors = dflash.zlab_layout(cfg, tensors, num_layers)
+    with staged_dir(out, force) as tmp:
+        write_eagle3(tmp, config, out_tensors, "bfloat16")
 
 
 def summary(converted: Converted) -> list[str]:

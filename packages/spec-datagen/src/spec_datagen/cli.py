@@ -106,7 +106,15 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
     "--layers",
     callback=comma_separated(int, "2,15,27,30"),
     help="Comma-separated capture ids in vLLM's convention (k = output of decoder layer k-1, "
-    "0 = embeddings, L = last layer before the final norm). Default: EAGLE-3's 2,L/2,L-3,L.",
+    "0 = embeddings, L = last layer before the final norm). Default: the --algorithm's "
+    "(EAGLE-3, P-EAGLE: 2,L/2,L-3,L; DFlash: five spread over 2..L-2, plus L).",
+)
+@click.option(
+    "--algorithm",
+    default="eagle3",
+    show_default=True,
+    type=click.Choice(["eagle3", "peagle", "dflash"]),
+    help="The draft the dataset is for: picks the default --layers.",
 )
 @click.option("--max-len", default=2048, type=click.IntRange(min=2), help="Longest sample, in tokens.")
 @click.option(
@@ -169,6 +177,7 @@ def datagen(
     data,
     out_dir,
     layers,
+    algorithm,
     max_len,
     long_policy,
     max_samples,
@@ -193,13 +202,14 @@ def datagen(
 
     from spec_datagen.capture import validate_layer_ids
     from spec_datagen.pipeline import Capturer, write_dataset
-    from spec_format.fingerprint import default_eagle3_layers, read_model_config
+    from spec_format.algorithms import default_layers
+    from spec_format.fingerprint import read_model_config
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
-    layer_ids = validate_layer_ids(layers or default_eagle3_layers(n), n)
+    layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)
     ctx = click.get_current_context()
     layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
     if data_parallel_size > 1:
@@ -210,8 +220,17 @@ def datagen(
         )
         skip = {"shard_index", "num_shards", "data_parallel_size"}  # each job gets its own shard
         raise click.exceptions.Exit(run_jobs(jobs, _command_line(ctx, skip, layers=layers)))
-    # The manifest records what decides the dataset's content, not how this run went about it.
-    how = {"resume", "tensor_parallel_size", "data_parallel_size", "engine_kwargs", "force", "progress"}
+    # The manifest records what decides the dataset's content (layers spelled out, so not --algorithm), not
+    # how this run went about it.
+    how = {
+        "resume",
+        "tensor_parallel_size",
+        "data_parallel_size",
+        "engine_kwargs",
+        "force",
+        "progress",
+        "algorithm",
+    }
     argv = ["spec", "datagen", *_command_line(ctx, how, layers=layers)]
     with Capturer(
         target,

@@ -19,7 +19,7 @@ from spec_format.checkpoint import (
     Verifier,
 )
 from spec_format.errors import SpecError
-from spec_format.fingerprint import TargetInfo
+from spec_format.fingerprint import TargetInfo, default_eagle3_layers
 
 Shape = tuple[int, ...]
 
@@ -77,6 +77,11 @@ def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None
     if not isinstance(k, int) or k < 1:  # vLLM's SpeculativeConfig: num_speculative_tokens > 0, every method
         raise SpecError(
             f"k = {k!r}: vLLM serves {cfg.speculators_model_type} drafts at k >= 1 draft tokens per step"
+        )
+    if cfg.block_size and k != cfg.block_size - 1:  # block drafters see the whole block at once
+        raise SpecError(
+            f"{draft_dir}/config.json: the draft fills blocks of {cfg.block_size} (field 'block_size'); "
+            f"serve it at k = {cfg.block_size - 1}, not {k}, or train one for that block"
         )
     return {**extra, "model": str(draft_dir), "num_speculative_tokens": k}
 
@@ -345,3 +350,24 @@ def as_peagle(cfg: SpeculatorConfig, mask_token_id: int) -> SpeculatorConfig:
         cfg, speculators_model_type="peagle", speculators_config=sc, mask_token_id=mask_token_id,
         fc_norm=False, norm_output=False, architectures=["PEagleSpeculator"],
     )  # fmt: skip
+
+
+# The target layers `spec datagen --algorithm NAME` captures by default (capture ids, the last layer L
+# included for the training targets), by algorithm.
+DEFAULT_LAYERS: dict[str, Callable[[int], list[int]]] = {
+    "eagle3": default_eagle3_layers,
+    "peagle": default_eagle3_layers,
+}
+
+
+def default_layers(algorithm: str, num_hidden_layers: int) -> list[int]:
+    fn = DEFAULT_LAYERS.get(algorithm)
+    if fn is None:
+        raise SpecError(
+            f"--algorithm {algorithm}: no default layers known (known: {', '.join(sorted(DEFAULT_LAYERS))})"
+        )
+    return fn(num_hidden_layers)
+
+
+# Further algorithms register themselves in their own module.
+import spec_format.dflash  # noqa: E402, F401

@@ -70,6 +70,13 @@ class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
     # EAGLE-3: the target layers whose hidden states feed `fc`, in vLLM's capture-id convention
     # (id k = residual stream after decoder layer k-1).
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    # DFlash (speculators' field names, spec_format.dflash): the fc inputs in the same capture-id
+    # convention as EAGLE-3's ids (vLLM subtracts 1 for its dflash_config.target_layer_ids); the token whose
+    # embedding fills the masked block slots is `mask_token_id` below; block_size = speculative_tokens + 1.
+    aux_hidden_state_layer_ids: list[int] | None = None
+    block_size: int | None = None
+    sample_from_anchor: bool | None = None
+    sliding_window_non_causal: bool | None = None
     norm_before_residual: bool | None = None
     norm_before_fc: bool | None = None
     fc_norm: bool | None = None
@@ -95,6 +102,11 @@ class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
     @property
     def speculative_tokens(self) -> int:
         return self.speculators_config.proposal_methods[0].speculative_tokens
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        """The fc inputs' capture ids, whichever algorithm's field holds them."""
+        return list(self.eagle_aux_hidden_state_layer_ids or self.aux_hidden_state_layer_ids or [])
 
     @property
     def verifier_name(self) -> str:

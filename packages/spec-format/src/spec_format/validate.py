@@ -87,10 +87,15 @@ def check_verifier(
             f"{config_source}: field 'transformer_layer_config.vocab_size' is {lc.get('vocab_size')}, the verifier's vocab_size is {vcfg.get('vocab_size')} ({where})"
         )
     n_layers = vcfg.get("num_hidden_layers")
-    for layer in cfg.eagle_aux_hidden_state_layer_ids or []:
+    field = (
+        "eagle_aux_hidden_state_layer_ids"
+        if cfg.eagle_aux_hidden_state_layer_ids
+        else "aux_hidden_state_layer_ids"
+    )
+    for layer in cfg.aux_layer_ids:
         if isinstance(n_layers, int) and not 0 <= layer <= n_layers:
             errors.append(
-                f"{config_source}: field 'eagle_aux_hidden_state_layer_ids' holds {layer}, outside [0, {n_layers}] for a {n_layers}-layer verifier"
+                f"{config_source}: field '{field}' holds {layer}, outside [0, {n_layers}] for a {n_layers}-layer verifier"
             )
     recorded = cfg.spec.verifier if cfg.spec else None
     if recorded is not None and not errors:
@@ -142,7 +147,7 @@ def describe_checkpoint(path: str | Path) -> dict:
         "draft_layers": lc.get("num_hidden_layers", 1),
         "layer_type": lc.get("model_type"),
         "hidden_size": lc.get("hidden_size"),
-        "aux_layer_ids": cfg.eagle_aux_hidden_state_layer_ids,
+        "aux_layer_ids": cfg.aux_layer_ids,
         "draft_vocab_size": cfg.draft_vocab_size or lc.get("vocab_size"),
         "target_vocab_size": lc.get("vocab_size"),
         "parameters": params,

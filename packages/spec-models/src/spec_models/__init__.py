@@ -8,6 +8,7 @@ implementations compute, saved and loaded through spec-format.
 """
 
 from spec_models.checkpoint import load, save
+from spec_models.dflash import DFlashDraft, init_dflash_from_verifier, propose_dflash
 from spec_models.drafting import KVCache, extend, greedy_step, propose
 from spec_models.eagle3 import Eagle3Draft, init_eagle3_from_verifier
 from spec_models.peagle import (
@@ -21,6 +22,9 @@ from spec_models.registry import draft_class, register_draft
 from spec_models.ttt import forward_ttt, ttt_input_ids, ttt_mask
 
 __all__ = [
+    "DFlashDraft",
+    "init_dflash_from_verifier",
+    "propose_dflash",
     "Eagle3Draft",
     "KVCache",
     "PEagleDraft",

@@ -24,6 +24,7 @@ def register_draft(model_type: str):
 
 def draft_class(model_type: str, source: str = "config.json") -> type[nn.Module]:
     # Importing the package registers the built-in algorithms.
+    import spec_models.dflash
     import spec_models.eagle3
     import spec_models.peagle  # noqa: F401
 

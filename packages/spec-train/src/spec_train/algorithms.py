@@ -44,7 +44,7 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
-BUILTIN = ("eagle3", "peagle")  # modules spec_train.<name>, imported on first use
+BUILTIN = ("eagle3", "peagle", "dflash")  # modules spec_train.<name>, imported on first use
 
 
 def register_algorithm(name: str, algorithm: Algorithm) -> None:

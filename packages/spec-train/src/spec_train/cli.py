@@ -283,9 +283,10 @@ _floats = comma_separated(float, "1,0.8,0.64")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or TOML file of settings (TrainConfig field names); flags override it.")  # fmt: skip
 @click.option("--verifier-name", default=None, help="Target name recorded in the draft (e.g. a hub id); default: the --verifier path.")  # fmt: skip
-@click.option("--algorithm", type=click.Choice(BUILTIN), default=None, help="eagle3: sequential drafting (TTT); peagle: P-EAGLE, all k tokens in one forward. [default: eagle3]")  # fmt: skip
+@click.option("--algorithm", type=click.Choice(BUILTIN), default=None, help="eagle3: sequential drafting (TTT); peagle: P-EAGLE, all k tokens in one forward; dflash: a block of k = --ttt-steps masked slots filled in one non-causal forward. [default: eagle3]")  # fmt: skip
+@click.option("--max-anchors", type=int, default=None, help="DFlash: blocks sampled per packed row. [default: 64]")  # fmt: skip
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Fine-tune this draft directory instead of starting from the verifier.")  # fmt: skip
-@click.option("--mask-token-id", type=int, default=None, help="P-EAGLE: the token read at drafted positions after the first. [default: the verifier's pad/unk token]")  # fmt: skip
+@click.option("--mask-token-id", type=int, default=None, help="P-EAGLE: the token read at drafted positions after the first [default: the verifier's pad/unk token]; DFlash: the token whose embedding fills masked slots [default: the tokenizer's mask token, else its last spare special token].")  # fmt: skip
 @click.option("--cod-ratio", type=float, default=None, help="P-EAGLE COD sampling: depth d keeps max(ratio**d, --cod-min) of the slots. [default: 0.7]")  # fmt: skip
 @click.option("--cod-min", type=float, default=None, help="P-EAGLE COD sampling floor. [default: 0.2]")
 @click.option("--num-layers", type=int, default=None, help="Draft decoder layers. [default: 1]")
@@ -351,7 +352,7 @@ _floats = comma_separated(float, "1,0.8,0.64")
 @click.option("--progress/--no-progress", default=None, help="[default: on]")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes on this node: re-runs this command under torchrun.")  # fmt: skip
 def train_command(config_file, nproc, **flags) -> None:
-    """Train a draft (EAGLE-3, or --algorithm peagle) on DATASET (spec datagen's output) against its verifier.
+    """Train a draft (EAGLE-3, or --algorithm peagle / dflash) on DATASET (spec datagen's output) against its verifier.
 
     Writes RUN/checkpoints/step-NNNNNN/ (speculator directory + training state), RUN/final/ (the latest
     checkpoint, served by `vllm serve RUN/final` or `spec serve`), RUN/best/ (best simulated acceptance on

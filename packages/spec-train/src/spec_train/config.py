@@ -51,6 +51,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mask_token_id: int | None = None
     cod_ratio: float = 0.7
     cod_min: float = 0.2
+    # DFlash (spec_train.dflash): blocks sampled per packed row (each the anchor + ttt_steps masked slots).
+    max_anchors: int = 64
 
     # --- objective
     loss: Literal["kl", "ce"] = "kl"  # forward KL to the verifier, or CE on the verifier's top-1 token
@@ -140,7 +142,7 @@ def resolve(flags: dict, config_file: str | Path | None = None) -> TrainConfig:
 
 def check(cfg: TrainConfig) -> None:
     """Values that are wrong whatever the data: one line naming the setting."""
-    positive = ("num_layers", "ttt_steps", "loss_chunk", "batch_tokens", "grad_accum", "keep_last",
+    positive = ("num_layers", "ttt_steps", "max_anchors", "loss_chunk", "batch_tokens", "grad_accum", "keep_last",
                 "log_every", "max_val_samples", "max_eval_rows")  # fmt: skip
     for name in positive:
         if getattr(cfg, name) < 1:

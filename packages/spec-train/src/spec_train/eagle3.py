@@ -48,7 +48,7 @@ def load_init_draft(cfg: TrainConfig, ds: Dataset):
     if cfg.draft_vocab_size not in (None, dcfg.draft_vocab_size or vinfo.vocab_size):
         raise SpecError(f"--draft-vocab-size {cfg.draft_vocab_size}: the draft in {cfg.init_from} has "
                         f"{dcfg.draft_vocab_size}; a fine-tuned draft keeps its vocabulary")  # fmt: skip
-    aux_idx, last_idx = layer_indices(ds, dcfg.eagle_aux_hidden_state_layer_ids, cfg.verifier)
+    aux_idx, last_idx = layer_indices(ds, dcfg.aux_layer_ids, cfg.verifier)
     sc = dcfg.speculators_config
     sc = msgspec.structs.replace(
         sc,

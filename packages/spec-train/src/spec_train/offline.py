@@ -156,7 +156,7 @@ def estimate_acceptance(
     algo = get_algorithm(cfg.algorithm)
     k = k or cfg.speculators_config.proposal_methods[0].speculative_tokens
     vdir = _verifier_dir(model, ds, verifier)
-    aux_idx, last_idx = layer_indices(ds, cfg.eagle_aux_hidden_state_layer_ids, vdir)
+    aux_idx, last_idx = layer_indices(ds, cfg.aux_layer_ids, vdir)
     head = VerifierHead(vdir, np.arange(1)).to(next(model.parameters()).device)
     loader = RowLoader(ds.path, aux_idx, last_idx, dataset=ds)
     indices = range(len(ds)) if samples is None else samples

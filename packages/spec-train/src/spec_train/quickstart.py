@@ -2,7 +2,7 @@
 
     prompts synthesised by the target (from openers shipped here) and its own replies  (spec synth --respond)
     -> hidden states captured with vLLM                                                      (spec datagen)
-    -> a draft trained on them (EAGLE-3; --algorithm peagle: P-EAGLE)                        (spec train)
+    -> a draft trained on them (EAGLE-3; --algorithm peagle: P-EAGLE; dflash: DFlash)        (spec train)
     -> acceptance and speed-up measured in vLLM on held-out chat and code prompts            (spec eval)
 
 Each stage is the `spec` command a user would run (printed before it runs) and leaves a `.done` marker,
@@ -39,7 +39,7 @@ class Plan(msgspec.Struct):
     lr: float = 3e-3  # small data, few steps: 3e-3 beat 1e-3 at equal steps (docs/eval.md)
     draft_vocab: int = 4096  # the replies use ~4,400 distinct tokens
     k: int = 3
-    algorithm: str = "eagle3"  # spec train --algorithm (eagle3, peagle)
+    algorithm: str = "eagle3"  # spec train / spec datagen --algorithm (eagle3, peagle, dflash)
     eval_prompts: int = 8  # per held-out set (chat: one per category; humaneval)
     eval_tokens: int = 96
     eval_rounds: int = 1  # one timed round keeps the quick start's time; spec eval's default is 3
@@ -101,6 +101,7 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
     dataset = out / "dataset"
     _stage("capture", dataset / ".done", _spec(
         "datagen", model, "--data", str(data), "--out", str(dataset), "--max-len", "1024", "--resume",
+        "--algorithm", plan.algorithm,
     ))  # fmt: skip
     run_dir = out / "run"
     _stage("train", run_dir / ".done", _spec(

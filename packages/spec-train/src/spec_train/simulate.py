@@ -66,7 +66,7 @@ def simulate(draft, target, prompts: list[list[int]], continuations: list[list[i
 
     propose = get_algorithm(draft.config.algorithm).propose
 
-    layer_ids = list(draft.config.eagle_aux_hidden_state_layer_ids)
+    layer_ids = draft.config.aux_layer_ids
     seqs = [p + c for p, c in zip(prompts, continuations)]
     auxes = [aux_states(target, s, layer_ids) for s in seqs]
     # Context end n: tokens s[0..n] are known; the target's prefill already emitted s[len(prompt)].
