@@ -21,7 +21,7 @@ from spec_format.dataset import Dataset
 from spec_train.data import split_samples
 from spec_train.offline import estimate_acceptance
 
-# Prompts written for this test (not the evaluation prompts of spec_train/data/chat_eval.jsonl).
+# Prompts written for this test (not the evaluation prompts of spec_train/resources/chat_eval.jsonl).
 TOPICS = ["the water cycle", "honey bees", "volcanoes", "the moon", "bread", "rainbows", "bicycles",
           "the ocean", "owls", "libraries", "trains", "snow"]  # fmt: skip
 TRAIN_PROMPTS = [f"Explain {t} in simple terms." for t in TOPICS]

