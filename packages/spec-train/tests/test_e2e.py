@@ -17,10 +17,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from spec_format.dataset import Dataset
-from spec_train.data import split_samples
-from spec_train.offline import estimate_acceptance
-
 # Prompts written for this test (not the evaluation prompts of spec_train/resources/chat_eval.jsonl).
 TOPICS = ["the water cycle", "honey bees", "volcanoes", "the moon", "bread", "rainbows", "bicycles",
           "the ocean", "owls", "libraries", "trains", "snow"]  # fmt: skip
@@ -70,15 +66,6 @@ def test_training_lowers_loss_and_raises_acceptance(trained, demo_model):
     losses, lengths = [x["loss"] for x in val], [x["acceptance_length"] for x in val]
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
     assert lengths[-1] > max(1.2, lengths[0] + 0.05), lengths
-
-    # The offline estimate by KV-cache drafting (spec-models) on the validation samples counts the same
-    # chains as the TTT estimate the trainer logged for the same weights, and agrees with it.
-    split = split_samples(len(Dataset(trained.dataset)), 0.15, 256, 0)
-    est = estimate_acceptance(
-        trained.run + "/final", trained.dataset, k=3, verifier=demo_model, samples=split.val.tolist()
-    )
-    assert est.n == val[-1]["chains"]
-    np.testing.assert_allclose(est.per_position, val[-1]["acceptance"], atol=0.02)
 
 
 @pytest.mark.e2e

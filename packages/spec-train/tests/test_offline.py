@@ -1,6 +1,6 @@
-"""The simulated acceptance: the TTT computation (one forward with the verifier's greedy tokens as step
-inputs) and vLLM-style KV-cache drafting (spec_models.extend / greedy_step) count the same chains, and
-the acceptance-length formula."""
+"""Acceptance without vLLM: the trainer's TTT estimate (one forward with the verifier's greedy tokens as step
+inputs) counts the same chains as vLLM-style KV-cache drafting (spec_models.extend / greedy_step); the
+acceptance-length formula; `spec eval --offline`'s replay of verification rounds (spec_train.simulate)."""
 
 import json
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from spec_models import init_eagle3_from_verifier
+from spec_models import KVCache, extend, greedy_step, init_eagle3_from_verifier
+from spec_train.data import supervised_slots
 from spec_train.metrics import acceptance_length, chain_counts, estimate
-from spec_train.offline import estimate_acceptance, incremental_counts, ttt_counts
+from spec_train.offline import greedy_matches, greedy_targets, ttt_counts
 from spec_train.targets import VerifierHead
 
 
@@ -30,6 +31,37 @@ def small_vocab_verifier(path, vocab=3, hidden=32, layers=4, seed=0):
                "lm_head.weight": rng.standard_normal((vocab, hidden)).astype(np.float32)},
               str(path / "model.safetensors"))  # fmt: skip
     return path
+
+
+@torch.no_grad()
+def incremental_counts(draft, head, sample, k, slots_per_batch=64):
+    """The reference: (accepted [k], reached [k]) for one sample (input_ids, loss_mask, aux, last) by
+    KV-cache drafting as vLLM does it: `extend` over the context once, then `greedy_step` per depth, every
+    slot a batch row whose own draft tokens are fed back."""
+    ids, aux = sample["input_ids"], sample["aux"]
+    n = ids.shape[0]
+    pos = torch.arange(n)
+    eligible = supervised_slots(sample["loss_mask"], pos, k)  # [k, n]
+    greedy = greedy_targets(head, sample["last"])
+    tokens = torch.zeros(k, n, dtype=torch.long)
+    if n >= 3:
+        # Context pass: slot t holds (x_{t+1}, a_t) at position t, t = 0..n-2 (vLLM's pairing).
+        cache = KVCache.empty(draft, 1, n - 1 + k)
+        normed, hidden = extend(draft, cache, ids[None, 1:], draft.combine(aux[None, :-1]), pos[None, :-1])
+        tokens[0, : n - 1] = draft.greedy(normed[0])
+        slots = eligible[0].nonzero().squeeze(1)  # chains worth drafting further
+        for start in range(0, len(slots) if k > 1 else 0, slots_per_batch):
+            t = slots[start : start + slots_per_batch]
+            b = len(t)
+            # Each slot's chain sees the context's step-0 entries at positions <= t and its own later
+            # entries, which overwrite positions t+1.. in its private copy of the cache.
+            mine = KVCache([c.expand(b, -1, -1, -1).clone() for c in cache.k],
+                           [c.expand(b, -1, -1, -1).clone() for c in cache.v])  # fmt: skip
+            tok, h = tokens[0, t], hidden[0, t]
+            for j in range(1, k):
+                tok, h = greedy_step(draft, mine, tok, h, t + j)
+                tokens[j, t] = tok
+    return chain_counts(greedy_matches(tokens, greedy), eligible)
 
 
 @pytest.fixture()
@@ -82,13 +114,43 @@ def test_chain_counts_and_length():
     assert acceptance_length([1.0, 1.0, 1.0]) == 4.0
 
 
-def test_estimate_acceptance_on_a_dataset(tiny_dataset, tiny_model, tmp_path):
-    """The library entry point `spec eval --offline` uses: a draft directory and a dataset directory."""
-    from spec_models import save
+@pytest.mark.parametrize(
+    ("right", "length", "per_position"),
+    [(3, 4.0, [1.0, 1.0, 1.0]), (2, 3.0, [1.0, 1.0, 0.0]), (0, 1.0, [0.0, 0.0, 0.0])],
+)
+def test_offline_eval_replays_verification_rounds(tiny_model, monkeypatch, right, length, per_position):
+    """spec eval --offline (simulate.simulate): with a proposer right for the first `right` of k = 3 tokens
+    of every round, each round accepts those and the target adds one; the proposer sees exactly the context
+    vLLM's would (x_1..x_n with the target's aux states a_0..a_{n-1})."""
+    from transformers import AutoModelForCausalLM
 
-    ds = tiny_dataset("llama", n=6)
-    draft = init_eagle3_from_verifier(tiny_model("llama"), aux_layer_ids=[2, 4, 5])
-    save(draft, tmp_path / "draft")
-    est = estimate_acceptance(tmp_path / "draft", ds, k=2)
-    assert len(est.per_position) == 2 and est.n > 0
-    assert 1.0 <= est.mean_acceptance_length <= 3.0
+    import spec_models
+    from spec_train.simulate import aux_states, simulate
+
+    vdir = tiny_model("llama")
+    target = AutoModelForCausalLM.from_pretrained(vdir, dtype=torch.float32).eval()
+    draft = init_eagle3_from_verifier(vdir, aux_layer_ids=[2, 4, 5]).eval()
+    # After the prefill's token 12 and 24 tokens remain: multiples of right + 1 for every `right`.
+    prompts = [[5, 17, 23, 9], [6, 40, 41]]
+    continuations = [list(range(100, 113)), list(range(200, 225))]
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    auxes = [aux_states(target, s, [2, 4, 5]) for s in seqs]
+
+    def propose(model, next_ids, aux, lengths, k):
+        out = torch.zeros(len(lengths), k, dtype=torch.long)
+        for row, n in enumerate(lengths.tolist()):
+            i = next(i for i, s in enumerate(seqs) if s[1] == next_ids[row, 0])
+            assert next_ids[row, :n].tolist() == seqs[i][1 : n + 1]
+            torch.testing.assert_close(aux[row, :n], auxes[i][:n])
+            truth = seqs[i][n + 1 : n + 1 + k]
+            out[row] = torch.tensor(
+                [t if j < right else 0 for j, t in enumerate(truth)] + [0] * (k - len(truth))
+            )
+        return out
+
+    monkeypatch.setattr(spec_models, "propose", propose)
+    run = simulate(draft, target, prompts, continuations, k=3)
+    assert run.counters.drafts == (12 + 24) // (right + 1)
+    assert run.mean_acceptance_length == length
+    assert run.counters.acceptance_per_position == per_position
+    assert run.generated_tokens == 13 + 25

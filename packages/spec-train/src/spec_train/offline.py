@@ -1,5 +1,6 @@
-"""The offline acceptance estimate: how many tokens per verifier step vLLM would accept from a draft under
-greedy decoding, computed from a dataset's captured verifier states without running the verifier.
+"""The acceptance estimate training logs: how many tokens per verifier step vLLM would accept from a draft
+under greedy decoding, computed from a dataset's captured verifier states without running the verifier.
+(`spec eval --offline` is another thing: spec_train.simulate runs the target and replays decoding.)
 
 For every slot t of a sample (the verifier has just verified x_0..x_{t+1}) the draft proposes k tokens;
 depth j is accepted iff all earlier depths were and the token equals the verifier's greedy token at
@@ -7,30 +8,20 @@ position t+1+j (argmax over the verifier's FULL vocabulary of lm_head(norm(last[
 can never match a verifier token outside the draft vocabulary). A chain is counted from its first
 supervised target (x_{t+2}); depth j counts while x_{t+2+j} is a supervised token of the same sample.
 
-Two computations of the same numbers:
-- `incremental_counts`: vLLM's way, with spec-models' KV-cache drafting (`extend` over the context once,
-  then `greedy_step` per depth, every slot a batch row whose own draft tokens are fed back);
-- `ttt_counts`: one TTT forward over a packed row with the verifier's greedy tokens as step inputs. Given
-  that depths < j were accepted, the draft's inputs at depth j are exactly those greedy tokens, so both
-  give the same accepted chains. Training uses this one (one forward per row); tests check they agree.
-
-`estimate_acceptance` (for `spec eval --offline`) runs the incremental one over dataset samples.
+`ttt_counts` does it in one TTT forward over a packed row with the verifier's greedy tokens as step inputs:
+given that depths < j were accepted, the draft's inputs at depth j are exactly those greedy tokens, so it
+counts the same accepted chains as drafting token by token with a KV cache as vLLM does (test_offline.py
+checks it against that, spec-models' `extend` / `greedy_step`).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import numpy as np
 import torch
 from torch import nn
 
-from spec_format.dataset import Dataset
-from spec_format.errors import SpecError
-from spec_models import KVCache, extend, forward_ttt, greedy_step
-from spec_train.data import RowLoader, layer_indices, supervised_slots
-from spec_train.metrics import AcceptanceEstimate, chain_counts, estimate
+from spec_models import forward_ttt
+from spec_train.data import supervised_slots
+from spec_train.metrics import chain_counts
 from spec_train.targets import VerifierHead
 
 
@@ -60,7 +51,7 @@ def _draft_tokens(draft: nn.Module, normed: torch.Tensor, chunk: int = 1024) -> 
     return torch.cat(out).reshape(normed.shape[:-1])
 
 
-def _match(tokens: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+def greedy_matches(tokens: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
     """tokens [k, T] drafted at (depth j, slot t) vs the verifier's greedy token at t+1+j -> bool [k, T]."""
     k, T = tokens.shape
     match = torch.zeros(k, T, dtype=torch.bool, device=tokens.device)
@@ -83,89 +74,4 @@ def ttt_counts(
     with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
         normed = forward_ttt(draft, step_ids, batch["aux"][None], pos[None], attn)[:, 0]  # [k, T, H]
     tokens = _draft_tokens(draft, normed)
-    return chain_counts(_match(tokens, greedy), supervised_slots(batch["loss_mask"], pos, k))
-
-
-@torch.no_grad()
-def incremental_counts(
-    draft: nn.Module, head: VerifierHead, sample: dict[str, torch.Tensor], k: int, slots_per_batch: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(accepted [k], reached [k]) for one sample (one document: input_ids, loss_mask, aux, last), by
-    KV-cache drafting as vLLM does it."""
-    ids, aux = sample["input_ids"], sample["aux"]
-    n = ids.shape[0]
-    pos = torch.arange(n, device=ids.device)
-    eligible = supervised_slots(sample["loss_mask"], pos, k)  # [k, n]
-    greedy = greedy_targets(head, sample["last"])
-    tokens = torch.zeros(k, n, dtype=torch.long, device=ids.device)
-    if n >= 3:
-        # Context pass: slot t holds (x_{t+1}, a_t) at position t, t = 0..n-2 (vLLM's pairing).
-        cache = KVCache.empty(draft, 1, n - 1 + k)
-        normed, hidden = extend(draft, cache, ids[None, 1:], draft.combine(aux[None, :-1]), pos[None, :-1])
-        tokens[0, : n - 1] = draft.greedy(normed[0])
-        slots = eligible[0].nonzero().squeeze(1)  # chains worth drafting further
-        for start in range(0, len(slots) if k > 1 else 0, slots_per_batch):
-            t = slots[start : start + slots_per_batch]
-            b = len(t)
-            # Each slot's chain sees the context's step-0 entries at positions <= t and its own later
-            # entries, which overwrite positions t+1.. in its private copy of the cache.
-            mine = KVCache([c.expand(b, -1, -1, -1).clone() for c in cache.k],
-                           [c.expand(b, -1, -1, -1).clone() for c in cache.v])  # fmt: skip
-            tok, h = tokens[0, t], hidden[0, t]
-            for j in range(1, k):
-                tok, h = greedy_step(draft, mine, tok, h, t + j)
-                tokens[j, t] = tok
-    return chain_counts(_match(tokens, greedy), eligible)
-
-
-def _verifier_dir(draft: nn.Module, ds: Dataset, verifier: str | Path | None) -> Path:
-    candidates = [verifier] if verifier is not None else [
-        draft.config.speculators_config.verifier.name_or_path, ds.manifest.target.name_or_path
-    ]  # fmt: skip
-    for c in candidates:
-        if c is not None and (Path(c) / "config.json").is_file():
-            return Path(c)
-    raise SpecError(
-        f"no local verifier directory among {candidates}: pass verifier= (the verifier's model directory; "
-        "its final norm and lm_head give the greedy tokens)"
-    )
-
-
-def estimate_acceptance(
-    draft: str | Path | nn.Module,
-    data: str | Path | Dataset,
-    k: int | None = None,
-    verifier: str | Path | None = None,
-    samples: list[int] | None = None,
-    progress: bool = False,
-) -> AcceptanceEstimate:
-    """Simulated acceptance per position and mean acceptance length of `draft` (a draft directory or a
-    module) over a dataset's samples (all, or the indices `samples`), with k drafted tokens (default: the
-    draft's speculative_tokens). The verifier directory defaults to the draft's verifier, else the
-    dataset's target, when that is a local directory."""
-    from spec_models import load
-
-    ds = data if isinstance(data, Dataset) else Dataset(data)
-    if isinstance(draft, nn.Module):
-        model = draft
-    else:
-        model = load(draft, verifier=verifier)
-    model.eval()
-    cfg = model.config
-    k = k or cfg.speculators_config.proposal_methods[0].speculative_tokens
-    vdir = _verifier_dir(model, ds, verifier)
-    aux_idx, last_idx = layer_indices(ds, cfg.eagle_aux_hidden_state_layer_ids, vdir)
-    head = VerifierHead(vdir, np.arange(1)).to(next(model.parameters()).device)
-    loader = RowLoader(ds.path, aux_idx, last_idx, dataset=ds)
-    indices = range(len(ds)) if samples is None else samples
-    accepted, reached = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
-    from tqdm import tqdm
-
-    for i in tqdm(indices, desc="offline acceptance", unit="sample", disable=not progress, file=sys.stderr):
-        n = int(ds.lengths[i])
-        row = loader.load([(i, n)])
-        row = {key: v.to(next(model.parameters()).device) for key, v in row.items()}
-        a, r = incremental_counts(model, head, row, k)
-        accepted += a.cpu()
-        reached += r.cpu()
-    return estimate(accepted.tolist(), reached.tolist())
+    return chain_counts(greedy_matches(tokens, greedy), supervised_slots(batch["loss_mask"], pos, k))

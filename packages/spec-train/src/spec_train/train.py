@@ -15,9 +15,7 @@ Sections: setup -> data -> model -> optimiser -> resume -> loop (train step, log
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from spec_format.dataset import Dataset
+from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
 from spec_format.fingerprint import fingerprint_model_dir
 from spec_format.vocab import build_vocab_mapping
@@ -48,18 +47,10 @@ from spec_train.loss import Objective
 from spec_train.metrics import MetricsLog, estimate, plot
 from spec_train.targets import VerifierHead
 
-DEFAULT_DRAFT_VOCAB = 32768
-
 
 def _say(d: distributed.Dist, msg: str) -> None:
     if d.main:
         print(f"[spec train] {msg}", file=sys.stderr, flush=True)
-
-
-def _kill_point(where: str, step: int) -> None:
-    """Tests only: SPEC_TRAIN_KILL_AT=<where>:<step> sends this process SIGKILL at that point."""
-    if os.environ.get("SPEC_TRAIN_KILL_AT") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
@@ -125,7 +116,7 @@ def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
     aux_idx, last_idx = layer_indices(ds, None, cfg.verifier)
     aux_ids = [ds.manifest.layer_ids[i] for i in aux_idx]
     V = vinfo.vocab_size
-    size = cfg.draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, V)
+    size = cfg.draft_vocab_size or min(config_mod.DEFAULT_DRAFT_VOCAB, V)
     if size > V:
         raise SpecError(f"--draft-vocab-size {size} is larger than the verifier's vocabulary ({V})")
     mapping = None
@@ -254,8 +245,10 @@ def train(cfg: TrainConfig) -> Path:
         total = cfg.max_steps
     else:
         total = max(1, stream.rows_for_epochs(cfg.epochs or 1.0) // G)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
-    save_every = cfg.save_every or max(1, math.ceil(total / 5))
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(config_mod.WARMUP_SHARE * total))
+    )
+    save_every = cfg.save_every or max(1, math.ceil(total / config_mod.CHECKPOINTS_PER_RUN))
     eval_every = cfg.eval_every or save_every
     val_rows = Rows(split.val, lengths, cfg.batch_tokens)
     val_rows = [val_rows.row(i) for i in range(min(len(val_rows), cfg.max_eval_rows))]
@@ -335,9 +328,8 @@ def train(cfg: TrainConfig) -> Path:
                 full.load_state_dict({k[6:]: v for k, v in msd.items() if k.startswith("draft.")})
             full.config = _with_provenance(full, cfg, step, ds)
             path = state.save_checkpoint(
-                Path(cfg.out), full, {k: msd[k] for k in trained}, osd, st, rng, cfg.save_dtype,
-                kill_point=lambda where: _kill_point(where, step),
-            )  # fmt: skip
+                Path(cfg.out), full, {k: msd[k] for k in trained}, osd, st, rng, cfg.save_dtype
+            )
             state.publish(path, Path(cfg.out) / state.FINAL)
             if is_best:
                 state.publish(path, Path(cfg.out) / state.BEST)
@@ -374,7 +366,7 @@ def train(cfg: TrainConfig) -> Path:
             loss, s = model(batch, scale, dtype)
             loss.backward()
             stats += s
-        _kill_point("step", step + 1)
+        kill_point("step", step + 1)  # fault injection: spec_format.diagnostics
         distributed.all_reduce_sum(stats)
         per = (stats[0] / stats[2].clamp(min=1)).tolist()
         loss_value = sum(w * x for w, x in zip(weights, per))
