@@ -116,7 +116,6 @@ def make_rows():
     return random_rows
 
 
-
 def plotted_series(png) -> list[int]:
     """Which of matplotlib's default colours (C0, C1, ...) a chart draws with: the indices whose hue (within
     6 degrees; lines drawn with alpha keep their hue) covers at least 150 saturated pixels, which a curve or

@@ -48,7 +48,7 @@ def baseline(ds, verifier, tmp_path_factory, run_train):
     """An uninterrupted 8-step run (checkpoints every 2 steps), the reference for the resume tests."""
     run = tmp_path_factory.mktemp("baseline") / "run"
     args = [str(ds), "--verifier", str(verifier), "--out", str(run), "--max-steps", "8", "--save-every", "2",
-            "--keep-last", "10", "--noise", "0.05", *FAST]  # fmt: skip
+            "--keep-last", "10", "--noise", "0.05", "--tensorboard", *FAST]  # fmt: skip
     run_train(args)
     return run, args
 
@@ -74,6 +74,14 @@ def test_run_layout(baseline, verifier, series):
     val = train_lines(run, "val")
     assert [x["step"] for x in val] == [2, 4, 6, 8] and len(val[0]["acceptance"]) == 3
     assert series(run / "loss.png") == [0, 1] and series(run / "acceptance.png") == [0, 1, 2]  # k = 3 curves
+    # --tensorboard: the same scalars as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    logged = [(e.step, e.value) for e in tb.Scalars("train/loss")]
+    assert logged == pytest.approx([(x["step"], x["loss"]) for x in train_lines(run)])
+    assert [e.step for e in tb.Scalars("val/acceptance_length")] == [2, 4, 6, 8]
     best_step = read_config(run / "best")[0].spec.provenance["step"]
     lengths = {x["step"]: x["acceptance_length"] for x in val}
     assert lengths[best_step] == max(lengths.values())
