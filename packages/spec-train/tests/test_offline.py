@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from spec_models import KVCache, extend, greedy_step, init_eagle3_from_verifier
-from spec_train.data import supervised_slots
+from spec_models import init_eagle3_from_verifier
 from spec_train.metrics import acceptance_length, chain_counts, estimate
-from spec_train.offline import greedy_matches, greedy_targets, ttt_counts
+from spec_train.offline import incremental_counts, ttt_counts
 from spec_train.targets import VerifierHead
 
 
@@ -31,37 +30,6 @@ def small_vocab_verifier(path, vocab=3, hidden=32, layers=4, seed=0):
                "lm_head.weight": rng.standard_normal((vocab, hidden)).astype(np.float32)},
               str(path / "model.safetensors"))  # fmt: skip
     return path
-
-
-@torch.no_grad()
-def incremental_counts(draft, head, sample, k, slots_per_batch=64):
-    """The reference: (accepted [k], reached [k]) for one sample (input_ids, loss_mask, aux, last) by
-    KV-cache drafting as vLLM does it: `extend` over the context once, then `greedy_step` per depth, every
-    slot a batch row whose own draft tokens are fed back."""
-    ids, aux = sample["input_ids"], sample["aux"]
-    n = ids.shape[0]
-    pos = torch.arange(n)
-    eligible = supervised_slots(sample["loss_mask"], pos, k)  # [k, n]
-    greedy = greedy_targets(head, sample["last"])
-    tokens = torch.zeros(k, n, dtype=torch.long)
-    if n >= 3:
-        # Context pass: slot t holds (x_{t+1}, a_t) at position t, t = 0..n-2 (vLLM's pairing).
-        cache = KVCache.empty(draft, 1, n - 1 + k)
-        normed, hidden = extend(draft, cache, ids[None, 1:], draft.combine(aux[None, :-1]), pos[None, :-1])
-        tokens[0, : n - 1] = draft.greedy(normed[0])
-        slots = eligible[0].nonzero().squeeze(1)  # chains worth drafting further
-        for start in range(0, len(slots) if k > 1 else 0, slots_per_batch):
-            t = slots[start : start + slots_per_batch]
-            b = len(t)
-            # Each slot's chain sees the context's step-0 entries at positions <= t and its own later
-            # entries, which overwrite positions t+1.. in its private copy of the cache.
-            mine = KVCache([c.expand(b, -1, -1, -1).clone() for c in cache.k],
-                           [c.expand(b, -1, -1, -1).clone() for c in cache.v])  # fmt: skip
-            tok, h = tokens[0, t], hidden[0, t]
-            for j in range(1, k):
-                tok, h = greedy_step(draft, mine, tok, h, t + j)
-                tokens[j, t] = tok
-    return chain_counts(greedy_matches(tokens, greedy), eligible)
 
 
 @pytest.fixture()

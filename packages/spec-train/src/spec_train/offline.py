@@ -8,10 +8,13 @@ position t+1+j (argmax over the verifier's FULL vocabulary of lm_head(norm(last[
 can never match a verifier token outside the draft vocabulary). A chain is counted from its first
 supervised target (x_{t+2}); depth j counts while x_{t+2+j} is a supervised token of the same sample.
 
-`ttt_counts` does it in one TTT forward over a packed row with the verifier's greedy tokens as step inputs:
-given that depths < j were accepted, the draft's inputs at depth j are exactly those greedy tokens, so it
-counts the same accepted chains as drafting token by token with a KV cache as vLLM does (test_offline.py
-checks it against that, spec-models' `extend` / `greedy_step`).
+Two computations of the same numbers:
+- `ttt_counts`: one TTT forward over a packed row with the verifier's greedy tokens as step inputs; what
+  training logs (one forward per row);
+- `incremental_counts`: vLLM's way, with spec-models' KV-cache drafting (`extend` over the context once,
+  then `greedy_step` per depth, every slot a batch row whose own draft tokens are fed back): the reference
+  test_offline.py checks `ttt_counts` against. Given that depths < j were accepted, the draft's inputs at
+  depth j are exactly the verifier's greedy tokens, so both count the same accepted chains.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spec_models import forward_ttt
+from spec_models import KVCache, extend, forward_ttt, greedy_step
 from spec_train.data import supervised_slots
 from spec_train.metrics import chain_counts
 from spec_train.targets import VerifierHead
@@ -51,7 +54,7 @@ def _draft_tokens(draft: nn.Module, normed: torch.Tensor, chunk: int = 1024) -> 
     return torch.cat(out).reshape(normed.shape[:-1])
 
 
-def greedy_matches(tokens: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+def _match(tokens: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
     """tokens [k, T] drafted at (depth j, slot t) vs the verifier's greedy token at t+1+j -> bool [k, T]."""
     k, T = tokens.shape
     match = torch.zeros(k, T, dtype=torch.bool, device=tokens.device)
@@ -74,4 +77,36 @@ def ttt_counts(
     with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
         normed = forward_ttt(draft, step_ids, batch["aux"][None], pos[None], attn)[:, 0]  # [k, T, H]
     tokens = _draft_tokens(draft, normed)
-    return chain_counts(greedy_matches(tokens, greedy), supervised_slots(batch["loss_mask"], pos, k))
+    return chain_counts(_match(tokens, greedy), supervised_slots(batch["loss_mask"], pos, k))
+
+
+@torch.no_grad()
+def incremental_counts(
+    draft: nn.Module, head: VerifierHead, sample: dict[str, torch.Tensor], k: int, slots_per_batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted [k], reached [k]) for one sample (one document: input_ids, loss_mask, aux, last), by
+    KV-cache drafting as vLLM does it."""
+    ids, aux = sample["input_ids"], sample["aux"]
+    n = ids.shape[0]
+    pos = torch.arange(n, device=ids.device)
+    eligible = supervised_slots(sample["loss_mask"], pos, k)  # [k, n]
+    greedy = greedy_targets(head, sample["last"])
+    tokens = torch.zeros(k, n, dtype=torch.long, device=ids.device)
+    if n >= 3:
+        # Context pass: slot t holds (x_{t+1}, a_t) at position t, t = 0..n-2 (vLLM's pairing).
+        cache = KVCache.empty(draft, 1, n - 1 + k)
+        normed, hidden = extend(draft, cache, ids[None, 1:], draft.combine(aux[None, :-1]), pos[None, :-1])
+        tokens[0, : n - 1] = draft.greedy(normed[0])
+        slots = eligible[0].nonzero().squeeze(1)  # chains worth drafting further
+        for start in range(0, len(slots) if k > 1 else 0, slots_per_batch):
+            t = slots[start : start + slots_per_batch]
+            b = len(t)
+            # Each slot's chain sees the context's step-0 entries at positions <= t and its own later
+            # entries, which overwrite positions t+1.. in its private copy of the cache.
+            mine = KVCache([c.expand(b, -1, -1, -1).clone() for c in cache.k],
+                           [c.expand(b, -1, -1, -1).clone() for c in cache.v])  # fmt: skip
+            tok, h = tokens[0, t], hidden[0, t]
+            for j in range(1, k):
+                tok, h = greedy_step(draft, mine, tok, h, t + j)
+                tokens[j, t] = tok
+    return chain_counts(_match(tokens, greedy), eligible)
