@@ -35,6 +35,7 @@ def format_only_venv(tmp_path_factory) -> Path:
     return venv
 
 
+@pytest.mark.e2e
 def test_format_installs_without_torch(format_only_venv):
     py = str(format_only_venv / "bin" / "python")
     out = subprocess.run(
@@ -52,6 +53,7 @@ def test_format_installs_without_torch(format_only_venv):
     assert "datagen" not in help_out.stdout and "demo-model" not in help_out.stdout
 
 
+@pytest.mark.e2e
 def test_format_tests_pass_without_torch(format_only_venv):
     out = subprocess.run(
         [

@@ -39,10 +39,19 @@ def quickstart(spec_cli, tmp_path_factory):
 @pytest.mark.e2e
 def test_quickstart_runs_every_stage_and_reports(quickstart, demo_model, series):
     out, _, proc = quickstart
-    # data: prompts the target wrote, each with its reply
+    # data (spec synth --respond, into a directory it makes): distinct prompts the target wrote, each with
+    # its reply, and synth's report on them
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == TINY["prompts"]
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows), rows[0]
+    assert len({r["messages"][0]["content"].casefold() for r in rows}) == len(rows)
+    assert (
+        f"prompts: {len(rows)} kept of" in proc.stdout
+        and "distinct n-grams (distinct/total): 1-gram" in proc.stdout
+    )
+    assert (
+        "words per prompt: mean" in proc.stdout and f"assistant turns generated: {len(rows)}" in proc.stdout
+    )
     # capture: one sample per row, EAGLE-3's aux layers and the last, supervised reply tokens in each
     ds = Dataset(out / "dataset")
     assert len(ds) == len(rows) and ds.manifest.layer_ids == default_eagle3_layers(30)

@@ -20,6 +20,9 @@ from spec_format.checkpoint import read_config
 from spec_format.fingerprint import fingerprint_model_dir
 from spec_format.validate import validate_checkpoint
 
+# Every test here runs `spec train` in real subprocesses (torch start-up, a few seconds each): end to end.
+pytestmark = pytest.mark.e2e
+
 # Small rows and vocabulary: each step takes well under a second on two cores.
 FAST = ["--draft-vocab-size", "256", "--batch-tokens", "160", "--no-progress", "--loss-chunk", "64"]
 
