@@ -51,3 +51,17 @@ def test_flags_and_config_file_resolve_onto_the_struct(captured, tmp_path, tiny_
     assert (
         cfg.step_weights == [1.0, 0.5, 0.25] and cfg.loss_mask == "all" and cfg.resume and cfg.epochs == 2.0
     )
+
+
+def test_json_output_keeps_stdout_for_the_one_object():
+    """spec eval --json: vLLM's engine processes inherit file descriptor 1 and log there; after
+    _stdout_for_json they, and prints, reach stderr, and stdout holds only the JSON object."""
+    import subprocess
+    import sys
+
+    code = ("import json, os; from spec_train.cli import _stdout_for_json; out = _stdout_for_json(); "
+            "os.system('echo engine log'); print('python log'); out.write(json.dumps({'a': 1}) + '\\n')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == '{"a": 1}\n'
+    assert "engine log" in proc.stderr and "python log" in proc.stderr
