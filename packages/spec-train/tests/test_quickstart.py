@@ -20,8 +20,8 @@ from spec_format.dataset import Dataset
 from spec_format.fingerprint import default_eagle3_layers
 from spec_format.validate import validate_checkpoint
 
-# ~5 minutes on two cores, most of it the five engine starts.
-TINY = {"prompts": 16, "reply_tokens": 64, "train_steps": 40, "eval_prompts": 2, "eval_tokens": 48}
+# ~6 minutes on two cores, half of it the five engine starts.
+TINY = {"prompts": 24, "reply_tokens": 64, "train_steps": 60, "eval_prompts": 2, "eval_tokens": 48}
 
 
 @pytest.fixture(scope="module")
