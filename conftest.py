@@ -121,18 +121,7 @@ def vllm_engine():
         while len(live) >= MAX_LIVE_ENGINES:
             _, old = live.popitem(last=False)
             shutdown_llm(old)
-        # make_llm chooses the engine's process through environment variables; the `spec` commands tests
-        # run later would inherit them and start their engines in-process too (a capture engine then
-        # hangs): the environment is restored once the engine runs.
-        saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")}
-        try:
-            live[key] = make_llm(model, in_process=True, **kwargs)  # starts in seconds; capture keeps its own
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        live[key] = make_llm(model, in_process=True, **kwargs)  # starts in seconds; capture keeps its own
         return live[key]
 
     yield get
