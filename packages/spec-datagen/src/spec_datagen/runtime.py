@@ -71,11 +71,16 @@ def record_engine_start(kind: str) -> None:
             f.write(f"{os.getpid()} {kind}\n")
 
 
-_USER_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+# VLLM_ENABLE_V1_MULTIPROCESSING as the user set it. A variable we set ourselves is marked, so that a
+# `spec` command run from a process that chose in-process engines (the test suite) does not take that
+# choice for the user's: its capture engine would then start in-process and hang.
+_OURS = "SPEC_SET_VLLM_MULTIPROCESSING"
+_USER_MULTIPROCESSING = None if os.environ.get(_OURS) else os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
-def _choose_engine_process(in_process: bool) -> None:
-    """Run the next engine in this process or in its own, as vLLM does by default.
+def _choose_engine_process(in_process: bool, capture: bool) -> None:
+    """Run the next engine in this process or in its own, as vLLM does by default; a capture engine (KV
+    connector) always in its own, where the user's choice otherwise stands.
 
     OMP_NUM_THREADS keeps torch on every core in-process: vLLM otherwise cuts the serving process to one
     thread, which is then the worker itself.
@@ -83,9 +88,10 @@ def _choose_engine_process(in_process: bool) -> None:
     import vllm.envs as envs
 
     envs.disable_envs_cache()  # an earlier engine in this process froze the variables; re-read them
-    if _USER_MULTIPROCESSING is None:  # the user's own choice stands
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
-    if in_process:
+    value = "1" if capture else (_USER_MULTIPROCESSING or ("0" if in_process else "1"))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = value
+    os.environ[_OURS] = "1"
+    if value == "0":
         os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
@@ -98,7 +104,7 @@ def make_llm(model: str | os.PathLike, *, in_process: bool = False, **overrides:
     in-process. An engine with a KV connector (hidden-state capture) hangs in-process and always keeps
     its own, as GPU engines do. Scripts that call this need an `if __name__ == "__main__":` guard."""
     apply_cpu_environment()
-    _choose_engine_process(in_process and is_cpu_platform() and "kv_transfer_config" not in overrides)
+    _choose_engine_process(in_process and is_cpu_platform(), capture="kv_transfer_config" in overrides)
     from vllm import LLM
 
     record_engine_start("llm")
