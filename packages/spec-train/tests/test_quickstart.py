@@ -55,7 +55,7 @@ def test_quickstart_runs_every_stage_and_reports(quickstart, demo_model, series)
     # capture: one sample per row, EAGLE-3's aux layers and the last, supervised reply tokens in each
     ds = Dataset(out / "dataset")
     assert len(ds) == len(rows) and ds.manifest.layer_ids == default_eagle3_layers(30)
-    assert all(0 < ds[i].loss_mask.sum() <= TINY["reply_tokens"] + 1 for i in range(len(ds)))
+    assert all(0 < ds[i].loss_mask.sum() < len(ds[i].token_ids) for i in range(len(ds)))  # reply, not prompt
     # train: every step logged, the loss fell
     lines = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]
@@ -98,4 +98,5 @@ def test_quickstart_again_reuses_every_stage(quickstart):
     for stage in ("data", "capture", "train", "eval"):
         assert f"{stage}: done before, reusing" in proc.stderr
     assert len(log.read_text().splitlines()) == before, "no engine started"
-    assert proc.stdout.split("Mean acceptance")[1] == first.stdout.split("Mean acceptance")[1]
+    marker = "Mean acceptance length (k="  # the report's figures (vLLM's own log lines say "length: ")
+    assert proc.stdout[proc.stdout.index(marker) :] == first.stdout[first.stdout.index(marker) :]
