@@ -1,4 +1,6 @@
-"""`spec serve`: vLLM's OpenAI server with our draft attached, on the real model; clean SIGTERM shutdown."""
+"""`spec serve`: vLLM's OpenAI server with our draft attached, on the real model; --verifier and -k override
+what the draft records; clean SIGTERM shutdown. (vLLM reading a draft directory given as the model, the
+plain `spec serve DRAFT` path, is checked without a server in test_vllm_reads_format.py.)"""
 
 import json
 import os
@@ -44,10 +46,27 @@ def _group_alive(pgid: int) -> bool:
 @pytest.mark.e2e
 def test_spec_serve_runs_draft_and_stops_on_sigterm(tmp_path, demo_model, random_eagle3, spec_cli):
     draft = random_eagle3(tmp_path / "draft", demo_model, draft_vocab=4096, k=2)
+    # The draft names a verifier that is not here (as one made on another machine would): --verifier
+    # points at the local copy; -k 3 replaces the draft's k = 2.
+    config = json.loads((draft / "config.json").read_text())
+    config["speculators_config"]["verifier"]["name_or_path"] = str(tmp_path / "not-here")
+    (draft / "config.json").write_text(json.dumps(config))
     port = _free_port()
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
     proc = subprocess.Popen(
-        [spec_cli, "serve", str(draft), "--port", str(port), "--served-model-name", "smol"],
+        [
+            spec_cli,
+            "serve",
+            str(draft),
+            "--verifier",
+            str(demo_model),
+            "-k",
+            "3",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "smol",
+        ],  # fmt: skip
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -74,7 +93,7 @@ def test_spec_serve_runs_draft_and_stops_on_sigterm(tmp_path, demo_model, random
         assert _metric(metrics, "vllm:spec_decode_num_drafts") > 0, [
             m for m in metrics.splitlines() if "spec_decode" in m
         ]
-        assert _metric(metrics, "vllm:spec_decode_num_draft_tokens") == 2 * _metric(
+        assert _metric(metrics, "vllm:spec_decode_num_draft_tokens") == 3 * _metric(
             metrics, "vllm:spec_decode_num_drafts"
         )
     finally:

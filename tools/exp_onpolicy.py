@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_PROMPTS = ROOT / "packages/spec-train/src/spec_train/data/chat_eval.jsonl"
+EVAL_PROMPTS = ROOT / "packages/spec-train/src/spec_train/resources/chat_eval.jsonl"
 HUMAN_SOURCES = {
     # name: (PyPI requirement, files inside the installed package)
     "chatterbot": ("chatterbot-corpus==1.3.3", "chatterbot_corpus/data/english/*.yml"),

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 UV = Path(sys.executable).parent / "uv"
 
 
+@pytest.mark.e2e  # a fresh virtual environment
 def test_converts_safetensors_without_torch(tmp_path, verifier, source_writers):
     venv = tmp_path / "venv"
     env = {**os.environ, "VIRTUAL_ENV": str(venv)}

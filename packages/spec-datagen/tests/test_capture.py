@@ -155,16 +155,6 @@ def test_capture_refuses_an_engine_without_capture(capture_llm):
 
 
 @pytest.mark.e2e
-def test_capture_engine_keeps_its_own_process(capture_llm):
-    """The test fixture asks for in-process engines (runtime.make_llm(in_process=True)), but the capture
-    engine hangs there: it must keep vLLM's engine-core process."""
-    from vllm.v1.engine.core_client import InprocClient, MPClient
-
-    assert isinstance(capture_llm.llm_engine.engine_core, MPClient)
-    assert not isinstance(capture_llm.llm_engine.engine_core, InprocClient)
-
-
-@pytest.mark.e2e
 def test_moe_target_through_the_same_path(vllm_engine, tiny_model, tmp_path_factory, make_conversations):
     """A tiny random Qwen3-MoE: same engine settings, same capture code, same agreement with transformers."""
     import torch

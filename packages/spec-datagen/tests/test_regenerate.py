@@ -165,19 +165,6 @@ def regen(vllm_engine, demo_model):
     return Regenerator(demo_model, llm=llm, max_tokens=24)
 
 
-@pytest.mark.e2e
-def test_cpu_engine_runs_in_this_process(regen):
-    """runtime.make_llm(in_process=True) on a CPU (the test fixture's engines): the engine lives in the
-    caller's process (starts in seconds, not a minute), with torch on every core."""
-    import os
-
-    import torch
-    from vllm.v1.engine.core_client import InprocClient
-
-    assert isinstance(regen.llm.llm_engine.engine_core, InprocClient)
-    assert torch.get_num_threads() == len(os.sched_getaffinity(0))
-
-
 def prompt_token_total(renderer, conv):
     """Prompt tokens of every assistant turn of `conv`, each prompted with the messages before it."""
     return sum(

@@ -1,7 +1,6 @@
 """Prompt synthesis (Magpie): the user-turn prefix of several templates, the filters, deduplication and the
 diversity report; real synthesis with SmolLM2 on the shared regeneration engine; `spec synth --respond`."""
 
-import json
 import subprocess
 
 import pytest
@@ -105,22 +104,8 @@ def test_cli_refuses_what_cannot_work_before_starting_the_engine(
     assert "engine" not in res.stderr.lower() and not (tmp_path / "p.jsonl").exists()
 
 
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_cli_synth_with_replies(tmp_path, demo_model, spec_cli):
-    out = tmp_path / "new" / "dir" / "p.jsonl"  # a parent that does not exist yet is made
-    res = subprocess.run(
-        [spec_cli, "synth", str(demo_model), "--n", "4", "--out", str(out), "--seed", "3", "--max-tokens", "64",
-         "--respond", "--reply-max-tokens", "16", "--max-model-len", "256", "--no-progress"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 4
-    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
-    assert len({fold(r["messages"][0]["content"]) for r in rows}) == 4
-    assert "prompts: 4 kept of" in res.stdout and "distinct n-grams (distinct/total): 1-gram" in res.stdout
-    assert "words per prompt: mean" in res.stdout and "assistant turns generated: 4" in res.stdout
+# `spec synth --respond` as a command (its report, a new output directory): spec-train's test_quickstart.py,
+# whose first stage it is.
 
 
 # ---------------------------------------------------------------------------------------------

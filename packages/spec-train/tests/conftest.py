@@ -114,3 +114,32 @@ def capture_dataset():
 def make_rows():
     """make_rows(n, seed=0, ...) -> [(token_ids, loss_mask), ...] with learnable structure."""
     return random_rows
+
+
+def plotted_series(png) -> list[int]:
+    """Which of matplotlib's default colours (C0, C1, ...) a chart draws with: the indices whose hue (within
+    6 degrees; lines drawn with alpha keep their hue) covers at least 150 saturated pixels, which a curve or
+    a bar does and a legend entry alone does not."""
+    import colorsys
+
+    import matplotlib.colors
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    rgb = matplotlib.image.imread(str(png))[..., :3].reshape(-1, 3)
+    colours, counts = np.unique(rgb, axis=0, return_counts=True)
+    hsv = np.array([colorsys.rgb_to_hsv(*c) for c in colours])
+    out = []
+    for i, c in enumerate(plt.rcParams["axes.prop_cycle"].by_key()["color"][:6]):
+        hue = colorsys.rgb_to_hsv(*matplotlib.colors.to_rgb(c))[0]
+        d = abs(hsv[:, 0] - hue)
+        near = (np.minimum(d, 1 - d) < 6 / 360) & (hsv[:, 1] > 0.25)
+        if counts[near].sum() >= 150:
+            out.append(i)
+    return out
+
+
+@pytest.fixture(scope="session")
+def series():
+    """series(png) -> indices of the default colours a chart draws with (conftest.plotted_series)."""
+    return plotted_series

@@ -1,7 +1,8 @@
-"""The simulated acceptance: the TTT computation (one forward with the verifier's greedy tokens as step
-inputs) and vLLM-style KV-cache drafting (spec_models.extend / greedy_step) count the same chains, and
-the acceptance-length formula."""
+"""Acceptance without vLLM: the trainer's TTT estimate (one forward with the verifier's greedy tokens as step
+inputs) counts the same chains as vLLM-style KV-cache drafting (spec_models.extend / greedy_step); the
+acceptance-length formula; `spec eval --offline`'s replay of verification rounds (spec_train.simulate)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from safetensors.numpy import save_file
 
 from spec_models import init_eagle3_from_verifier
 from spec_train.metrics import acceptance_length, chain_counts, estimate
-from spec_train.offline import estimate_acceptance, incremental_counts, ttt_counts
+from spec_train.offline import incremental_counts, ttt_counts
 from spec_train.targets import VerifierHead
 
 
@@ -82,16 +83,47 @@ def test_chain_counts_and_length():
     assert acceptance_length([1.0, 1.0, 1.0]) == 4.0
 
 
-def test_estimate_acceptance_on_a_dataset(tiny_dataset, tiny_model, tmp_path):
-    """The library entry point `spec eval --offline` uses: a draft directory and a dataset directory."""
-    from spec_models import save
+@pytest.mark.parametrize(
+    ("right", "length", "per_position"),
+    [(3, 4.0, [1.0, 1.0, 1.0]), (2, 3.0, [1.0, 1.0, 0.0]), (0, 1.0, [0.0, 0.0, 0.0])],
+)
+def test_offline_eval_replays_verification_rounds(tiny_model, monkeypatch, right, length, per_position):
+    """spec eval --offline (simulate.simulate): with a proposer right for the first `right` of k = 3 tokens
+    of every round, each round accepts those and the target adds one; the proposer sees exactly the context
+    vLLM's would (x_1..x_n with the target's aux states a_0..a_{n-1})."""
+    from transformers import AutoModelForCausalLM
 
-    ds = tiny_dataset("llama", n=6)
-    draft = init_eagle3_from_verifier(tiny_model("llama"), aux_layer_ids=[2, 4, 5])
-    save(draft, tmp_path / "draft")
-    est = estimate_acceptance(tmp_path / "draft", ds, k=2)
-    assert len(est.per_position) == 2 and est.n > 0
-    assert 1.0 <= est.mean_acceptance_length <= 3.0
+    from spec_train.algorithms import ALGORITHMS, get_algorithm
+    from spec_train.simulate import aux_states, simulate
+
+    vdir = tiny_model("llama")
+    target = AutoModelForCausalLM.from_pretrained(vdir, dtype=torch.float32).eval()
+    draft = init_eagle3_from_verifier(vdir, aux_layer_ids=[2, 4, 5]).eval()
+    # After the prefill's token 12 and 24 tokens remain: multiples of right + 1 for every `right`.
+    prompts = [[5, 17, 23, 9], [6, 40, 41]]
+    continuations = [list(range(100, 113)), list(range(200, 225))]
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    auxes = [aux_states(target, s, [2, 4, 5]) for s in seqs]
+
+    def propose(model, next_ids, aux, lengths, k):
+        out = torch.zeros(len(lengths), k, dtype=torch.long)
+        for row, n in enumerate(lengths.tolist()):
+            i = next(i for i, s in enumerate(seqs) if s[1] == next_ids[row, 0])
+            assert next_ids[row, :n].tolist() == seqs[i][1 : n + 1]
+            torch.testing.assert_close(aux[row, :n], auxes[i][:n])
+            truth = seqs[i][n + 1 : n + 1 + k]
+            out[row] = torch.tensor(
+                [t if j < right else 0 for j, t in enumerate(truth)] + [0] * (k - len(truth))
+            )
+        return out
+
+    algo = get_algorithm("eagle3")
+    monkeypatch.setitem(ALGORITHMS, "eagle3", dataclasses.replace(algo, propose=propose))
+    run = simulate(draft, target, prompts, continuations, k=3)
+    assert run.counters.drafts == (12 + 24) // (right + 1)
+    assert run.mean_acceptance_length == length
+    assert run.counters.acceptance_per_position == per_position
+    assert run.generated_tokens == 13 + 25
 
 
 @pytest.mark.parametrize("k", [1, 4])

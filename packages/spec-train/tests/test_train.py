@@ -20,6 +20,9 @@ from spec_format.checkpoint import read_config
 from spec_format.fingerprint import fingerprint_model_dir
 from spec_format.validate import validate_checkpoint
 
+# Every test here runs `spec train` in real subprocesses (torch start-up, a few seconds each): end to end.
+pytestmark = pytest.mark.e2e
+
 # Small rows and vocabulary: each step takes well under a second on two cores.
 FAST = ["--draft-vocab-size", "256", "--batch-tokens", "160", "--no-progress", "--loss-chunk", "64"]
 
@@ -48,12 +51,12 @@ def baseline(ds, verifier, tmp_path_factory, run_train):
     """An uninterrupted 8-step run (checkpoints every 2 steps), the reference for the resume tests."""
     run = tmp_path_factory.mktemp("baseline") / "run"
     args = [str(ds), "--verifier", str(verifier), "--out", str(run), "--max-steps", "8", "--save-every", "2",
-            "--keep-last", "10", "--noise", "0.05", *FAST]  # fmt: skip
+            "--keep-last", "10", "--noise", "0.05", "--tensorboard", *FAST]  # fmt: skip
     run_train(args)
     return run, args
 
 
-def test_run_layout(baseline, verifier):
+def test_run_layout(baseline, verifier, series):
     run, _ = baseline
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in (2, 4, 6, 8)]
     for d in (run / "final", run / "best", run / "checkpoints" / "step-000004"):
@@ -73,7 +76,16 @@ def test_run_layout(baseline, verifier):
     assert [x["step"] for x in train_lines(run)] == list(range(1, 9))
     val = train_lines(run, "val")
     assert [x["step"] for x in val] == [2, 4, 6, 8] and len(val[0]["acceptance"]) == 3
-    assert (run / "loss.png").stat().st_size > 1000 and (run / "acceptance.png").stat().st_size > 1000
+    assert series(run / "loss.png") == [0, 1]  # train and validation (test_plots.py: every chart's curves)
+    # --tensorboard: the same scalars as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    logged = tb.Scalars("train/loss")
+    assert [e.step for e in logged] == [x["step"] for x in train_lines(run)]
+    assert [e.value for e in logged] == pytest.approx([x["loss"] for x in train_lines(run)], rel=1e-6)
+    assert [e.step for e in tb.Scalars("val/acceptance_length")] == [2, 4, 6, 8]
     best_step = read_config(run / "best")[0].spec.provenance["step"]
     lengths = {x["step"]: x["acceptance_length"] for x in val}
     assert lengths[best_step] == max(lengths.values())
@@ -97,6 +109,11 @@ def test_resume_after_sigkill_mid_step(baseline, tmp_path, run_train):
     run_train([*args, "--resume"])
     _assert_same_weights(weights(run, 8), weights(run0, 8))  # bitwise, on this CPU
     assert [x["step"] for x in train_lines(run)] == list(range(1, 9)), "no step logged twice"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, 9)), "TensorBoard too, none lost"
 
 
 def test_resume_after_sigkill_mid_checkpoint_write(baseline, tmp_path, run_train):

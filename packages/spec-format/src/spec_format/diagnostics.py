@@ -4,6 +4,11 @@ and fault campaigns. Every such hook lives in this module, so this docstring lis
     SPEC_ENGINE_LOG=FILE   every vLLM engine start (offline engine or OpenAI server, in any process that
                            inherits the variable) appends "<pid> <kind>" to FILE; the test suite counts
                            engine starts with it (each costs 35-50 s on two CPU cores).
+    SPEC_TRAIN_KILL_AT=WHERE:STEP
+                           fault injection: `spec train` sends itself SIGKILL at that point of step STEP
+                           (1-based): "step" after the step's backward pass, before the optimiser update;
+                           "checkpoint" midway through writing that step's checkpoint (spec_train.state).
+                           Resume tests use it to kill a run where an outside kill could only land by luck.
 
 Unset, a hook does nothing.
 """
@@ -11,6 +16,7 @@ Unset, a hook does nothing.
 from __future__ import annotations
 
 import os
+import signal
 
 
 def record_engine_start(kind: str) -> None:
@@ -19,3 +25,9 @@ def record_engine_start(kind: str) -> None:
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {kind}\n")
+
+
+def kill_point(where: str, step: int) -> None:
+    """SIGKILL this process when $SPEC_TRAIN_KILL_AT is "<where>:<step>"."""
+    if os.environ.get("SPEC_TRAIN_KILL_AT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -18,8 +18,8 @@ optimiser, resume, DDP/FSDP2, metrics, checkpoints) is train.py's and shared.
     accept_counts(draft, head, batch, k, attn, dtype) -> (accepted [k], reached [k])
         simulated greedy acceptance over a packed row, for training metrics (one forward).
     offline_counts(draft, head, sample, k) -> (accepted [k], reached [k])
-        the same numbers for one sample computed the way vLLM drafts (KV cache), for the dataset estimate
-        (offline.estimate_acceptance).
+        the same numbers for one sample computed the way vLLM drafts (KV cache): the reference that
+        tests hold accept_counts to.
     propose(draft, next_ids [B, L], aux [B, L, A], lengths [B], k) -> [B, k] target ids
         greedy proposals exactly as vLLM's drafter makes them (spec eval --offline replays rounds with it).
 """

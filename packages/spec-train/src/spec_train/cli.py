@@ -1,7 +1,7 @@
 """`spec` subcommands contributed by spec-train: train, eval, quickstart.
 
-`spec train` flags map one to one onto spec_train.config.TrainConfig (values of --config FILE first, flags
-override them)."""
+`spec train`'s flags are made from spec_train.config.TrainConfig's fields, one per field with its help and
+default (values of --config FILE first, flags override them)."""
 
 from __future__ import annotations
 
@@ -260,96 +260,74 @@ def _print_summary(result: dict) -> None:
     help="Rough time budget on a 2-core CPU; more minutes = more data and training (e.g. 60).",
 )
 @click.option("--algorithm", type=click.Choice(BUILTIN), default="eagle3", show_default=True, help="The draft to train (spec train --algorithm).")  # fmt: skip
-def quickstart(out: Path, minutes: float, algorithm: str) -> None:
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              hidden=True, help="JSON of quickstart.Plan fields instead of --minutes (the test suite's tiny run).")  # fmt: skip
+def quickstart(out: Path, minutes: float, algorithm: str, plan_file: Path | None) -> None:
     """The whole pipeline on the shipped SmolLM2-135M-Instruct: synthesise prompts and replies, capture,
     train a draft (EAGLE-3 by default), and measure it in vLLM."""
     import msgspec
 
-    from spec_train.quickstart import Plan, explain, run
+    from spec_train.quickstart import Plan, explain, read_plan, run
 
-    report = run(out, minutes, msgspec.structs.replace(Plan().scaled(minutes), algorithm=algorithm))
+    plan = read_plan(plan_file) if plan_file else Plan().scaled(minutes)
+    report = run(out, minutes, msgspec.structs.replace(plan, algorithm=algorithm))
     click.echo(explain(report, out))
 
 
 _floats = comma_separated(float, "1,0.8,0.64")
 
 
-@click.command("train", context_settings={"show_default": True})
+# TrainConfig fields without a flag (the dataset is the argument), and click types richer than the field's.
+_NO_FLAG = {"dataset", "betas", "world_size"}
+_CLICK_TYPES = {
+    "verifier": click.Path(exists=True, file_okay=False),
+    "init_from": click.Path(exists=True, file_okay=False),
+    "out": click.Path(file_okay=False),
+    "algorithm": click.Choice(BUILTIN),
+}
+
+
+def _train_options(command):
+    """One --flag per TrainConfig field, its help and [default: ...] read from the field (config.Help), so
+    that the struct is the one place a default is written. Every flag defaults to None (not given): then the
+    --config file's value or the field's default applies (config.resolve)."""
+    import msgspec.inspect as mi
+
+    from spec_train.config import TrainConfig
+
+    for f in reversed(mi.type_info(TrainConfig).fields):
+        if f.name in _NO_FLAG:
+            continue
+        t, help_text = f.type, ""
+        if isinstance(t, mi.Metadata):
+            t, help_text = t.type, t.extra_json_schema.get("description", "")
+        if isinstance(t, mi.UnionType):  # X | None
+            t = next(x for x in t.types if not isinstance(x, mi.NoneType))
+        name = "--" + f.name.replace("_", "-")
+        kwargs = {}
+        if isinstance(t, mi.BoolType):
+            decls = [f"{name}/--no-{name[2:]}"]
+        elif isinstance(t, mi.LiteralType):
+            decls, kwargs["type"] = [name], click.Choice(list(t.values))
+        elif isinstance(t, mi.ListType):
+            decls, kwargs["callback"] = [name], _floats
+        else:
+            decls = [name]
+            kwargs["type"] = _CLICK_TYPES.get(f.name) or {mi.IntType: int, mi.FloatType: float}.get(
+                type(t), str
+            )
+        if f.default not in (None, mi.NODEFAULT):
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            help_text = f"{help_text} [default: {shown}]".strip()
+        command = click.option(*decls, f.name, default=None, help=help_text, **kwargs)(command)
+    return command
+
+
+@click.command("train")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.option("--verifier", type=click.Path(exists=True, file_okay=False), help="The target model's HF directory the dataset was captured from.")  # fmt: skip
-@click.option(
-    "--out", type=click.Path(file_okay=False), help="Run directory (checkpoints/, final/, best/, metrics)."
-)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or TOML file of settings (TrainConfig field names); flags override it.")  # fmt: skip
-@click.option("--verifier-name", default=None, help="Target name recorded in the draft (e.g. a hub id); default: the --verifier path.")  # fmt: skip
-@click.option("--algorithm", type=click.Choice(BUILTIN), default=None, help="eagle3: sequential drafting (TTT); peagle: P-EAGLE, all k tokens in one forward; dflash: a block of k = --ttt-steps masked slots filled in one non-causal forward. [default: eagle3]")  # fmt: skip
-@click.option("--max-anchors", type=int, default=None, help="DFlash: blocks sampled per packed row. [default: 64]")  # fmt: skip
-@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Fine-tune this draft directory instead of starting from the verifier.")  # fmt: skip
-@click.option("--mask-token-id", type=int, default=None, help="P-EAGLE: the token read at drafted positions after the first [default: the verifier's pad/unk token]; DFlash: the token whose embedding fills masked slots [default: the tokenizer's mask token, else its last spare special token].")  # fmt: skip
-@click.option("--cod-ratio", type=float, default=None, help="P-EAGLE COD sampling: depth d keeps max(ratio**d, --cod-min) of the slots. [default: 0.7]")  # fmt: skip
-@click.option("--cod-min", type=float, default=None, help="P-EAGLE COD sampling floor. [default: 0.2]")
-@click.option("--num-layers", type=int, default=None, help="Draft decoder layers. [default: 1]")
-@click.option("--layer-init", type=click.Choice(["verifier", "random"]), default=None, help="Start the draft's layers as the verifier's layers after its deepest aux layer (fc passing that state through), or from N(0, 0.02). [default: verifier]")  # fmt: skip
-@click.option(
-    "--layer-type",
-    type=click.Choice(["llama", "qwen3"]),
-    default=None,
-    help="[default: the verifier's family]",
-)
-@click.option("--ttt-steps", type=int, default=None, help="TTT depth, written as the draft's k (speculative_tokens). [default: 3]")  # fmt: skip
-@click.option("--draft-vocab-size", type=int, default=None, help="[default: min(32768, target vocabulary)]")
-@click.option("--norm-before-residual/--no-norm-before-residual", default=None, help="EAGLE-3 variant: RMSNorm on the residual entering layer 0. [default: off]")  # fmt: skip
-@click.option("--norm-before-fc/--no-norm-before-fc", default=None, help="EAGLE-3 variant: RMSNorm over the concatenated aux states before fc. [default: off]")  # fmt: skip
-@click.option("--fc-norm/--no-fc-norm", default=None, help="EAGLE-3 variant: RMSNorm on each aux layer's state before fc. [default: off]")  # fmt: skip
-@click.option("--norm-output/--no-norm-output", default=None, help="EAGLE-3 variant: pass the normed state to the next step. [default: off]")  # fmt: skip
-@click.option("--train-lm-head/--no-train-lm-head", default=None, help="Train the draft's lm_head (else keep the verifier's rows). [default: on]")  # fmt: skip
-@click.option("--loss", type=click.Choice(["kl", "ce"]), default=None, help="Forward KL to the verifier, or CE on its top-1 token. [default: kl]")  # fmt: skip
-@click.option("--step-weights", callback=_floats, default=None, help="Loss weight per TTT step, comma-separated. [default: 0.8**j]")  # fmt: skip
-@click.option("--loss-chunk", type=int, default=None, help="Tokens per chunk of the vocabulary-sized loss. [default: 1024]")  # fmt: skip
-@click.option("--batch-tokens", type=int, default=None, help="Tokens per packed row (one micro-batch per process). [default: 2048]")  # fmt: skip
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimiser step and process. [default: 1]")  # fmt: skip
-@click.option("--epochs", type=float, default=None, help="[default: 1 unless --max-steps]")
-@click.option(
-    "--max-steps", type=int, default=None, help="Optimiser steps (runs across epochs); wins over --epochs."
-)
-@click.option("--val-fraction", type=float, default=None, help="Share of samples held out. [default: 0.05]")
-@click.option("--max-val-samples", type=int, default=None, help="[default: 256]")
-@click.option("--noise", type=float, default=None, help="Uniform noise U(-x, x) on the auxiliary hidden states. [default: 0]")  # fmt: skip
-@click.option("--loss-mask", type=click.Choice(["dataset", "all"]), default=None, help="Positions trained on: the dataset's loss mask (assistant turns) or all; the target is the verifier's distribution at each, so prompts the target wrote (spec synth) teach too. Validation uses the dataset's mask. [default: dataset]")  # fmt: skip
-@click.option("--seed", type=int, default=None, help="[default: 0]")
-@click.option("--lr", type=float, default=None, help="Peak learning rate. [default: 1e-3]")
-@click.option(
-    "--min-lr-ratio", type=float, default=None, help="Cosine floor as a share of --lr. [default: 0.1]"
-)
-@click.option("--warmup-steps", type=int, default=None, help="[default: 5% of the steps]")
-@click.option("--weight-decay", type=float, default=None, help="[default: 0]")
-@click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off. [default: 1]")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default=None, help="Compute precision (weights and optimiser state stay fp32). [default: auto: bf16 on GPUs and CPUs with AMX, else fp32]")  # fmt: skip
-@click.option("--attn", type=click.Choice(["sdpa", "flex"]), default=None, help="[default: sdpa]")
-@click.option(
-    "--fsdp/--no-fsdp", default=None, help="FSDP2 instead of DDP with several processes. [default: off]"
-)
-@click.option(
-    "--resume", is_flag=True, default=None, help="Continue from the last complete checkpoint in --out."
-)
-@click.option(
-    "--save-every", type=int, default=None, help="Checkpoint every N steps. [default: 5 over the run]"
-)
-@click.option("--eval-every", type=int, default=None, help="[default: --save-every]")
-@click.option("--keep-last", type=int, default=None, help="Checkpoints kept (final/ and best/ are kept apart). [default: 3]")  # fmt: skip
-@click.option("--log-every", type=int, default=None, help="[default: 1]")
-@click.option(
-    "--max-eval-rows", type=int, default=None, help="Packed rows evaluated per split. [default: 64]"
-)
-@click.option(
-    "--save-dtype", type=click.Choice(["bfloat16", "float32"]), default=None, help="[default: bfloat16]"
-)
-@click.option("--num-workers", type=int, default=None, help="Data-loader processes. [default: 0]")
-@click.option(
-    "--tensorboard/--no-tensorboard", default=None, help="Also log to RUN/tensorboard. [default: off]"
-)
-@click.option("--progress/--no-progress", default=None, help="[default: on]")
+@_train_options
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes on this node: re-runs this command under torchrun.")  # fmt: skip
 def train_command(config_file, nproc, **flags) -> None:
     """Train a draft (EAGLE-3, or --algorithm peagle / dflash) on DATASET (spec datagen's output) against its verifier.

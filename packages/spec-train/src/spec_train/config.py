@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -21,83 +21,100 @@ from spec_format.errors import SpecError
 CONFIG_FILE = "train_config.json"
 
 
+# Defaults computed from the run (the fields below say where they apply).
+DEFAULT_DRAFT_VOCAB = 32768  # draft vocabulary: min(this, the target's)
+CHECKPOINTS_PER_RUN = 5  # --save-every: this many checkpoints over the run
+WARMUP_SHARE = 0.05  # --warmup-steps: this share of the steps (at least 1)
+
+
+def Help(text: str) -> msgspec.Meta:
+    """A field's help: `spec train --help` shows it with the field's default (spec_train.cli)."""
+    return msgspec.Meta(description=text)
+
+
+# fmt: off
 class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # --- what to train on and against
     dataset: str
-    verifier: str  # the verifier's HF model directory (norm, lm_head, embeddings are read from it)
-    out: str  # the run directory
-    verifier_name: str | None = None  # name vLLM loads as the target (default: the verifier directory)
-    algorithm: str = "eagle3"  # spec_train.algorithms: eagle3, peagle, ...
-    init_from: str | None = None  # fine-tune this draft directory instead of starting from the verifier
+    verifier: Annotated[str, Help("The target model's HF directory the dataset was captured from (its norm, lm_head and embeddings are read).")]
+    out: Annotated[str, Help("Run directory (checkpoints/, final/, best/, metrics).")]
+    verifier_name: Annotated[str | None, Help("Target name recorded in the draft, which vLLM loads (e.g. a hub id); default: the --verifier path.")] = None
+    algorithm: Annotated[str, Help("The draft to train (spec_train.algorithms): eagle3, peagle or dflash.")] = "eagle3"
+    init_from: Annotated[str | None, Help("Fine-tune this draft directory instead of starting from the verifier.")] = None
 
     # --- draft model
-    num_layers: int = 1
-    # "verifier": the draft's layers start as the verifier's layers after its deepest aux layer, with fc
-    # passing that state through (spec_models.eagle3._layers_from_verifier); "random": N(0, 0.02).
-    layer_init: Literal["verifier", "random"] = "verifier"
-    layer_type: Literal["llama", "qwen3"] | None = None  # default: from the verifier's family
-    ttt_steps: int = 3  # TTT depth; also the checkpoint's speculative_tokens (vLLM's default k)
-    draft_vocab_size: int | None = None  # default min(32768, target vocab)
-    # EAGLE-3 norm variants vLLM serves (docs/algorithms/eagle3.md): RMSNorm on the fc input (all aux states,
-    # or each layer's apart), on the residual stream entering layer 0, on the hidden state passed on.
-    norm_before_residual: bool = False
-    norm_before_fc: bool = False
-    fc_norm: bool = False
-    norm_output: bool = False
-    train_lm_head: bool = True  # False: keep the verifier's lm_head rows frozen
-    # P-EAGLE (spec_train.peagle): the token fed at drafted positions after the first (default: the
-    # verifier's pad/unk token, else the last id), and COD sampling: depth d >= 1 keeps a random
-    # max(cod_ratio**d, cod_min) of the slots (each a subset of depth d-1's).
-    mask_token_id: int | None = None
-    cod_ratio: float = 0.7
-    cod_min: float = 0.2
+    num_layers: Annotated[int, Help("Draft decoder layers.")] = 1
+    layer_init: Annotated[Literal["verifier", "random"], Help(
+        "Start the draft's layers as the verifier's layers after its deepest aux layer, with fc passing that "
+        "state through (spec_models.eagle3._layers_from_verifier), or from N(0, 0.02).")] = "verifier"
+    layer_type: Annotated[Literal["llama", "qwen3"] | None, Help("Draft layer family; default: the verifier's.")] = None
+    ttt_steps: Annotated[int, Help("TTT depth, written as the draft's k (speculative_tokens, vLLM's default).")] = 3
+    draft_vocab_size: Annotated[int | None, Help(f"Draft vocabulary; default: min({DEFAULT_DRAFT_VOCAB}, the target's).")] = None
+    # EAGLE-3 norm variants vLLM serves (docs/algorithms/eagle3.md).
+    norm_before_residual: Annotated[bool, Help("EAGLE-3 variant: RMSNorm on the residual stream entering layer 0.")] = False
+    norm_before_fc: Annotated[bool, Help("EAGLE-3 variant: RMSNorm over the concatenated aux states before fc.")] = False
+    fc_norm: Annotated[bool, Help("EAGLE-3 variant: RMSNorm on each aux layer's state before fc.")] = False
+    norm_output: Annotated[bool, Help("EAGLE-3 variant: pass the normed state to the next step.")] = False
+    train_lm_head: Annotated[bool, Help("Train the draft's lm_head (else keep the verifier's rows frozen).")] = True
+    # P-EAGLE (spec_train.peagle): the token fed at drafted positions after the first, and COD sampling:
+    # depth d >= 1 keeps a random max(cod_ratio**d, cod_min) of the slots (each a subset of depth d-1's).
+    mask_token_id: Annotated[int | None, Help(
+        "P-EAGLE: the token read at drafted positions after the first (default: the verifier's pad/unk token); "
+        "DFlash: the token whose embedding fills masked slots (default: the tokenizer's mask token, else its "
+        "last spare special token).")] = None
+    cod_ratio: Annotated[float, Help("P-EAGLE COD sampling: depth d keeps max(cod_ratio**d, cod_min) of the slots.")] = 0.7
+    cod_min: Annotated[float, Help("P-EAGLE COD sampling: the floor of the kept share per depth.")] = 0.2
     # DFlash (spec_train.dflash): blocks sampled per packed row (each the anchor + ttt_steps masked slots).
-    max_anchors: int = 64
+    max_anchors: Annotated[int, Help("DFlash: blocks (anchor + ttt_steps masked slots) sampled per packed row.")] = 64
 
     # --- objective
-    loss: Literal["kl", "ce"] = "kl"  # forward KL to the verifier, or CE on the verifier's top-1 token
-    step_weights: list[float] | None = None  # per TTT step; default 0.8**j; normalised to sum to 1
-    loss_chunk: int = 1024  # tokens per chunk of the [tokens x draft_vocab] loss
+    loss: Annotated[Literal["kl", "ce"], Help("Forward KL to the verifier, or CE on its top-1 token.")] = "kl"
+    step_weights: Annotated[list[float] | None, Help(
+        "Loss weight per TTT step, comma-separated, normalised to sum to 1; default: 0.8**j.")] = None
+    loss_chunk: Annotated[int, Help("Tokens per chunk of the [tokens x draft vocabulary] loss.")] = 1024
 
     # --- data
-    batch_tokens: int = 2048  # token budget of one packed row (one micro-batch per rank)
-    grad_accum: int = 1  # micro-batches per optimiser step and rank
-    epochs: float | None = None  # default 1 when max_steps is not given
-    max_steps: int | None = None  # wins over epochs; runs across epochs
-    val_fraction: float = 0.05
-    max_val_samples: int = 256
-    noise: float = 0.0  # uniform noise U(-noise, noise) added to the auxiliary hidden states
-    # Training positions: the dataset's loss mask (assistant turns), or all. The loss target is the
-    # verifier's own distribution at each position, so prompts the target wrote itself (spec synth) teach
-    # too. Validation always counts the dataset's mask.
-    loss_mask: Literal["dataset", "all"] = "dataset"
+    batch_tokens: Annotated[int, Help("Tokens per packed row (one micro-batch per process).")] = 2048
+    grad_accum: Annotated[int, Help("Micro-batches per optimiser step and process.")] = 1
+    epochs: Annotated[float | None, Help("Passes over the training samples; default: 1 unless --max-steps.")] = None
+    max_steps: Annotated[int | None, Help("Optimiser steps (runs across epochs); wins over --epochs.")] = None
+    val_fraction: Annotated[float, Help("Share of samples held out for validation.")] = 0.05
+    max_val_samples: Annotated[int, Help("At most this many validation samples.")] = 256
+    noise: Annotated[float, Help("Uniform noise U(-x, x) on the auxiliary hidden states.")] = 0.0
+    loss_mask: Annotated[Literal["dataset", "all"], Help(
+        "Positions trained on: the dataset's loss mask (assistant turns) or all; the target is the verifier's "
+        "distribution at each, so prompts the target wrote (spec synth) teach too. Validation uses the "
+        "dataset's mask.")] = "dataset"
     seed: int = 0
 
     # --- optimiser and schedule (AdamW, fp32 master weights and state)
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int | None = None  # default 5% of the steps (at least 1)
+    lr: Annotated[float, Help("Peak learning rate.")] = 1e-3
+    min_lr_ratio: Annotated[float, Help("Cosine floor as a share of --lr.")] = 0.1
+    warmup_steps: Annotated[int | None, Help(f"Linear warmup steps; default: {WARMUP_SHARE:.0%} of the steps (at least 1).")] = None
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)  # config file only
+    grad_clip: Annotated[float, Help("Max gradient norm, 0 = off.")] = 1.0
 
     # --- compute
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast: auto = bf16 on GPUs and AMX CPUs, else fp32
+    dtype: Annotated[Literal["auto", "fp32", "bf16"], Help(
+        "Compute precision (weights and optimiser state stay fp32); auto: bf16 on GPUs and CPUs with AMX, "
+        "else fp32.")] = "auto"
     attn: Literal["sdpa", "flex"] = "sdpa"
-    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when several processes run
-    world_size: int = 1  # filled in at start-up from torchrun's environment
+    fsdp: Annotated[bool, Help("FSDP2 (fully_shard) instead of DDP when several processes run.")] = False
+    world_size: int = 1  # filled in at start-up from torchrun's environment (no flag)
 
     # --- run-time (may change on --resume)
-    resume: bool = False
-    eval_every: int | None = None  # default: save_every
-    save_every: int | None = None  # default: 10 checkpoints over the run
-    keep_last: int = 3
+    resume: Annotated[bool, Help("Continue from the last complete checkpoint in --out.")] = False
+    eval_every: Annotated[int | None, Help("Evaluate every N steps; default: --save-every.")] = None
+    save_every: Annotated[int | None, Help(f"Checkpoint every N steps; default: {CHECKPOINTS_PER_RUN} checkpoints over the run.")] = None
+    keep_last: Annotated[int, Help("Checkpoints kept (final/ and best/ are kept apart).")] = 3
     log_every: int = 1
-    max_eval_rows: int = 64  # packed validation rows evaluated (also the train-acceptance sample)
+    max_eval_rows: Annotated[int, Help("Packed rows evaluated per split (also the train-acceptance sample).")] = 64
     save_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    num_workers: int = 0  # data-loader processes
-    tensorboard: bool = False
+    num_workers: Annotated[int, Help("Data-loader processes.")] = 0
+    tensorboard: Annotated[bool, Help("Also log to RUN/tensorboard (needs the tensorboard package).")] = False
     progress: bool = True
+# fmt: on
 
 
 # Fields that may differ between a run and its resumption (they do not change the weights).

@@ -17,11 +17,9 @@ from spec_format.vocab import VocabMapping, build_vocab_mapping
 from spec_models import forward_ttt, propose, ttt_input_ids
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
-from spec_train.config import TrainConfig
+from spec_train.config import DEFAULT_DRAFT_VOCAB, TrainConfig
 from spec_train.data import layer_indices, supervised_slots
 from spec_train.offline import incremental_counts, ttt_counts
-
-DEFAULT_DRAFT_VOCAB = 32768
 
 
 def _say(d: distributed.Dist, msg: str) -> None:

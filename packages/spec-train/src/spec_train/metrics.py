@@ -82,7 +82,9 @@ class MetricsLog:
                 print("warning: --tensorboard needs the tensorboard package (pip install tensorboard); "
                       "logging to metrics.jsonl only", file=sys.stderr)  # fmt: skip
             else:
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+                # Events past the resumed step go, as metrics.jsonl's lines do (purge_step: steps >= it).
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -95,6 +97,8 @@ class MetricsLog:
                 elif isinstance(value, list):
                     for j, v in enumerate(value):
                         self._tb.add_scalar(f"{prefix}/{key}/{j}", v, record["step"])
+            if prefix != "train":  # evaluations precede checkpoints: a resumed run finds their steps on disk
+                self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -1,5 +1,6 @@
-"""The offline acceptance estimate: how many tokens per verifier step vLLM would accept from a draft under
-greedy decoding, computed from a dataset's captured verifier states without running the verifier.
+"""The acceptance estimate training logs: how many tokens per verifier step vLLM would accept from a draft
+under greedy decoding, computed from a dataset's captured verifier states without running the verifier.
+(`spec eval --offline` is another thing: spec_train.simulate runs the target and replays decoding.)
 
 For every slot t of a sample (the verifier has just verified x_0..x_{t+1}) the draft proposes k tokens;
 depth j is accepted iff all earlier depths were and the token equals the verifier's greedy token at
@@ -8,29 +9,22 @@ can never match a verifier token outside the draft vocabulary). A chain is count
 supervised target (x_{t+2}); depth j counts while x_{t+2+j} is a supervised token of the same sample.
 
 Two computations of the same numbers:
+- `ttt_counts`: one TTT forward over a packed row with the verifier's greedy tokens as step inputs; what
+  training logs (one forward per row);
 - `incremental_counts`: vLLM's way, with spec-models' KV-cache drafting (`extend` over the context once,
-  then `greedy_step` per depth, every slot a batch row whose own draft tokens are fed back);
-- `ttt_counts`: one TTT forward over a packed row with the verifier's greedy tokens as step inputs. Given
-  that depths < j were accepted, the draft's inputs at depth j are exactly those greedy tokens, so both
-  give the same accepted chains. Training uses this one (one forward per row); tests check they agree.
-
-`estimate_acceptance` (for `spec eval --offline`) runs the incremental one over dataset samples.
+  then `greedy_step` per depth, every slot a batch row whose own draft tokens are fed back): the reference
+  test_offline.py checks `ttt_counts` against. Given that depths < j were accepted, the draft's inputs at
+  depth j are exactly the verifier's greedy tokens, so both count the same accepted chains.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import numpy as np
 import torch
 from torch import nn
 
-from spec_format.dataset import Dataset
-from spec_format.errors import SpecError
 from spec_models import KVCache, extend, forward_ttt, greedy_step
-from spec_train.data import RowLoader, layer_indices, supervised_slots
-from spec_train.metrics import AcceptanceEstimate, chain_counts, estimate
+from spec_train.data import supervised_slots
+from spec_train.metrics import chain_counts
 from spec_train.targets import VerifierHead
 
 
@@ -116,58 +110,3 @@ def incremental_counts(
                 tok, h = greedy_step(draft, mine, tok, h, t + j)
                 tokens[j, t] = tok
     return chain_counts(_match(tokens, greedy), eligible)
-
-
-def _verifier_dir(draft: nn.Module, ds: Dataset, verifier: str | Path | None) -> Path:
-    candidates = [verifier] if verifier is not None else [
-        draft.config.speculators_config.verifier.name_or_path, ds.manifest.target.name_or_path
-    ]  # fmt: skip
-    for c in candidates:
-        if c is not None and (Path(c) / "config.json").is_file():
-            return Path(c)
-    raise SpecError(
-        f"no local verifier directory among {candidates}: pass verifier= (the verifier's model directory; "
-        "its final norm and lm_head give the greedy tokens)"
-    )
-
-
-def estimate_acceptance(
-    draft: str | Path | nn.Module,
-    data: str | Path | Dataset,
-    k: int | None = None,
-    verifier: str | Path | None = None,
-    samples: list[int] | None = None,
-    progress: bool = False,
-) -> AcceptanceEstimate:
-    """Simulated acceptance per position and mean acceptance length of `draft` (a draft directory or a
-    module) over a dataset's samples (all, or the indices `samples`), with k drafted tokens (default: the
-    draft's speculative_tokens). The verifier directory defaults to the draft's verifier, else the
-    dataset's target, when that is a local directory."""
-    from spec_models import load
-    from spec_train.algorithms import get_algorithm
-
-    ds = data if isinstance(data, Dataset) else Dataset(data)
-    if isinstance(draft, nn.Module):
-        model = draft
-    else:
-        model = load(draft, verifier=verifier)
-    model.eval()
-    cfg = model.config
-    algo = get_algorithm(cfg.algorithm)
-    k = k or cfg.speculators_config.proposal_methods[0].speculative_tokens
-    vdir = _verifier_dir(model, ds, verifier)
-    aux_idx, last_idx = layer_indices(ds, cfg.aux_layer_ids, vdir)
-    head = VerifierHead(vdir, np.arange(1)).to(next(model.parameters()).device)
-    loader = RowLoader(ds.path, aux_idx, last_idx, dataset=ds)
-    indices = range(len(ds)) if samples is None else samples
-    accepted, reached = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
-    from tqdm import tqdm
-
-    for i in tqdm(indices, desc="offline acceptance", unit="sample", disable=not progress, file=sys.stderr):
-        n = int(ds.lengths[i])
-        row = loader.load([(i, n)])
-        row = {key: v.to(next(model.parameters()).device) for key, v in row.items()}
-        a, r = algo.offline_counts(model, head, row, k)
-        accepted += a.cpu()
-        reached += r.cpu()
-    return estimate(accepted.tolist(), reached.tolist())

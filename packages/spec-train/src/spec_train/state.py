@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from spec_format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from spec_format.dataset.manifest import fsync_dir, write_atomic
+from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
 
 CHECKPOINTS, FINAL, BEST, TRAINING = "checkpoints", "final", "best", "training"
@@ -116,7 +117,6 @@ def save_checkpoint(
     state: TrainingState,
     rng: list[RngState],
     save_dtype: str,
-    kill_point=None,
 ) -> Path:
     """Write checkpoints/step-NNNNNN (rank 0 only). `draft` holds the full weights (the speculator files
     are written from it); `weights` are the fp32 tensors to resume from; `optimizer` is a full optimiser
@@ -133,8 +133,9 @@ def save_checkpoint(
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / TRAINING / "weights.safetensors"
     )
-    if kill_point:
-        kill_point("checkpoint")  # tests: SIGKILL with half a checkpoint on disk
+    kill_point(
+        "checkpoint", state.step
+    )  # fault injection (spec_format.diagnostics): half a checkpoint on disk
     flat = {f"{name}:{key}": t.detach().cpu().contiguous()
             for name, per in optimizer["state"].items() for key, t in per.items()}  # fmt: skip
     save_file(flat, tmp / TRAINING / "optimizer.safetensors")

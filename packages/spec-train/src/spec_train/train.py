@@ -15,9 +15,7 @@ Sections: setup -> data -> model -> optimiser -> resume -> loop (train step, log
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 
 from spec_format.console import say
 from spec_format.dataset import Dataset
+from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
 from spec_train import config as config_mod
 from spec_train import distributed, state
@@ -42,12 +41,6 @@ from spec_train.targets import VerifierHead
 def _say(d: distributed.Dist, msg: str) -> None:
     if d.main:
         say(msg, "spec train")
-
-
-def _kill_point(where: str, step: int) -> None:
-    """Tests only: SPEC_TRAIN_KILL_AT=<where>:<step> sends this process SIGKILL at that point."""
-    if os.environ.get("SPEC_TRAIN_KILL_AT") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
@@ -182,8 +175,10 @@ def train(cfg: TrainConfig) -> Path:
         total = cfg.max_steps
     else:
         total = max(1, stream.rows_for_epochs(cfg.epochs or 1.0) // G)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
-    save_every = cfg.save_every or max(1, math.ceil(total / 5))
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(config_mod.WARMUP_SHARE * total))
+    )
+    save_every = cfg.save_every or max(1, math.ceil(total / config_mod.CHECKPOINTS_PER_RUN))
     eval_every = cfg.eval_every or save_every
     val_rows = Rows(split.val, lengths, cfg.batch_tokens)
     val_rows = [val_rows.row(i) for i in range(min(len(val_rows), cfg.max_eval_rows))]
@@ -263,9 +258,8 @@ def train(cfg: TrainConfig) -> Path:
                 full.load_state_dict({k[6:]: v for k, v in msd.items() if k.startswith("draft.")})
             full.config = _with_provenance(full, cfg, step, ds)
             path = state.save_checkpoint(
-                Path(cfg.out), full, {k: msd[k] for k in trained}, osd, st, rng, cfg.save_dtype,
-                kill_point=lambda where: _kill_point(where, step),
-            )  # fmt: skip
+                Path(cfg.out), full, {k: msd[k] for k in trained}, osd, st, rng, cfg.save_dtype
+            )
             state.publish(path, Path(cfg.out) / state.FINAL)
             if is_best:
                 state.publish(path, Path(cfg.out) / state.BEST)
@@ -302,7 +296,7 @@ def train(cfg: TrainConfig) -> Path:
             loss, s = model(batch, scale, dtype)
             loss.backward()
             stats += s
-        _kill_point("step", step + 1)
+        kill_point("step", step + 1)  # fault injection: spec_format.diagnostics
         distributed.all_reduce_sum(stats)
         per = (stats[0] / stats[2].clamp(min=1)).tolist()
         loss_value = sum(w * x for w, x in zip(weights, per))

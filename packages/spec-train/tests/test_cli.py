@@ -1,0 +1,67 @@
+"""`spec train`'s flags come from TrainConfig: every field's default is the one its help shows and the one a
+run gets without the flag; flags and a config file resolve onto the struct."""
+
+import re
+
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from spec_train import cli
+from spec_train.config import TrainConfig
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    """Runs `spec train ARGS` up to the start of training and returns the TrainConfig it would train with."""
+    import spec_train.train
+
+    got = []
+    monkeypatch.setattr(spec_train.train, "train", got.append)
+
+    def run(*args):
+        res = CliRunner().invoke(cli.train_command, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+        return got.pop()
+
+    return run
+
+
+def test_defaults_shown_in_help_are_the_structs(tmp_path):
+    help_text = " ".join(CliRunner().invoke(cli.train_command, ["--help"]).output.split())
+    defaults = {f.name: f.default for f in msgspec.structs.fields(TrainConfig)}
+    for name, flag in (("num_layers", "--num-layers"), ("ttt_steps", "--ttt-steps"), ("lr", "--lr"),
+                       ("keep_last", "--keep-last"), ("batch_tokens", "--batch-tokens")):  # fmt: skip
+        shown = re.search(re.escape(flag) + r" \S+ .*?\[default: ([^\]]+)\]", help_text).group(1)
+        assert shown == str(defaults[name]), (flag, shown)
+    assert "--train-lm-head / --no-train-lm-head Train" in help_text and "[default: on]" in help_text
+    assert "--dataset" not in help_text and "--world-size" not in help_text
+
+
+def test_flags_and_config_file_resolve_onto_the_struct(captured, tmp_path, tiny_model):
+    ds, v = tmp_path / "ds", tiny_model("llama")
+    ds.mkdir()
+    plain = captured(ds, "--verifier", v, "--out", tmp_path / "run")
+    assert plain == TrainConfig(dataset=str(ds), verifier=str(v), out=str(tmp_path / "run"))
+    conf = tmp_path / "c.toml"
+    conf.write_text("lr = 0.01\nsave-every = 7\ntrain_lm_head = false\n")
+    cfg = captured(ds, "--verifier", v, "--out", tmp_path / "run", "--config", conf, "--lr", "0.02",
+                   "--step-weights", "1,0.5,0.25", "--loss-mask", "all", "--resume", "--epochs", "2")  # fmt: skip
+    assert (cfg.lr, cfg.save_every, cfg.train_lm_head) == (0.02, 7, False)  # flag > file > default
+    assert (
+        cfg.step_weights == [1.0, 0.5, 0.25] and cfg.loss_mask == "all" and cfg.resume and cfg.epochs == 2.0
+    )
+
+
+def test_json_output_keeps_stdout_for_the_one_object():
+    """spec eval --json: vLLM's engine processes inherit file descriptor 1 and log there; after
+    _stdout_for_json they, and prints, reach stderr, and stdout holds only the JSON object."""
+    import subprocess
+    import sys
+
+    code = ("import json, os; from spec_train.cli import _stdout_for_json; out = _stdout_for_json(); "
+            "os.system('echo engine log'); print('python log'); out.write(json.dumps({'a': 1}) + '\\n')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == '{"a": 1}\n'
+    assert "engine log" in proc.stderr and "python log" in proc.stderr

@@ -1,0 +1,36 @@
+"""The charts show the data: one curve per series that has data, in matplotlib's default colours."""
+
+import json
+
+from spec_train.evaluate import plot_acceptance
+from spec_train.metrics import plot
+
+
+def _records(k: int, with_val: bool):
+    for step in range(1, 9):
+        yield {"split": "train", "step": step, "loss": 3.0 / step}
+        if step % 4 == 0:
+            ev = {"step": step, "loss": 2.0 / step, "acceptance": [0.5 + 0.01 * step - 0.1 * j for j in range(k)],
+                  "acceptance_length": 1.5 + 0.01 * step}  # fmt: skip
+            yield {"split": "train_eval", **ev}
+            if with_val:
+                yield {"split": "val", **ev}
+
+
+def test_training_charts_draw_each_logged_series(tmp_path, series):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(3, True)))
+    plot(tmp_path)
+    assert series(tmp_path / "loss.png") == [0, 1]  # train, validation
+    assert series(tmp_path / "acceptance.png") == [0, 1, 2]  # one curve per draft position
+    # Without validation the acceptance comes from the training sample, and the loss chart has one curve.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(2, False)))
+    plot(tmp_path)
+    assert series(tmp_path / "loss.png") == [0]
+    assert series(tmp_path / "acceptance.png") == [0, 1]
+
+
+def test_eval_chart_has_one_bar_group_per_method(tmp_path, series):
+    plot_acceptance({"draft": [0.6, 0.4, 0.2], "ngram": [0.3, 0.1, 0.05]}, tmp_path / "a.png", "t")
+    assert series(tmp_path / "a.png") == [0, 1]
+    plot_acceptance({"draft": [0.6, 0.4, 0.2], "ngram": []}, tmp_path / "b.png", "t")  # n-gram never proposed
+    assert series(tmp_path / "b.png") == [0]
