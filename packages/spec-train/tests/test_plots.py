@@ -2,7 +2,7 @@
 
 import json
 
-from spec_train.evaluate import plot_acceptance
+from spec_train.evaluate import acceptance_figure
 from spec_train.metrics import plot
 
 
@@ -29,8 +29,10 @@ def test_training_charts_draw_each_logged_series(tmp_path, series):
     assert series(tmp_path / "acceptance.png") == [0, 1]
 
 
-def test_eval_chart_has_one_bar_group_per_method(tmp_path, series):
-    plot_acceptance({"draft": [0.6, 0.4, 0.2], "ngram": [0.3, 0.1, 0.05]}, tmp_path / "a.png", "t")
+def test_eval_chart_has_one_line_per_method(tmp_path, series):
+    acceptance_figure({"draft": [0.6, 0.4, 0.2], "ngram": [0.3, 0.1, 0.05]}, "t").savefig(tmp_path / "a.png")
     assert series(tmp_path / "a.png") == [0, 1]
-    plot_acceptance({"draft": [0.6, 0.4, 0.2], "ngram": []}, tmp_path / "b.png", "t")  # n-gram never proposed
+    acceptance_figure({"draft": [0.6, 0.4, 0.2], "ngram": []}, "t").savefig(
+        tmp_path / "b.png"
+    )  # n-gram never proposed
     assert series(tmp_path / "b.png") == [0]
