@@ -25,13 +25,9 @@ from spec_convert.strict import ConversionError, check_layout, map_tensors
 from spec_convert.target import Target
 from spec_format.algorithms import layout_for
 from spec_format.checkpoint import (
-    ProposalMethod,
-    SpecMetadata,
     SpeculatorConfig,
-    SpeculatorsSection,
-    Verifier,
 )
-from spec_format.dflash import default_dflash_layers
+from spec_format.dflash import default_dflash_layers, dflash_config
 
 NAME = "dflash"
 DROPS = [
@@ -119,26 +115,7 @@ def convert(src: Source, target: Target, options: Options) -> Converted:
         "layer_ids": layer_how, "renamed": {}, "speculative_tokens": k_how, "vocab": vocab_how,
         "dropped": dict(sorted(m.dropped.items())), "dtype": dtype_how, "notes": notes,
     }  # fmt: skip
-    config = SpeculatorConfig(
-        speculators_model_type="dflash",
-        speculators_config=SpeculatorsSection(
-            algorithm="dflash",
-            proposal_methods=[ProposalMethod(speculative_tokens=k)],
-            verifier=Verifier(
-                name_or_path=target.info.name_or_path, architectures=[target.info.architecture]
-            ),
-        ),
-        transformer_layer_config=lc,
-        draft_vocab_size=draft_vocab,
-        target_hidden_size=target.info.hidden_size if target.info.hidden_size != lc["hidden_size"] else None,
-        aux_hidden_state_layer_ids=ids,
-        mask_token_id=mask,
-        block_size=k + 1,
-        sample_from_anchor=False,
-        architectures=["DFlashDraftModel"],
-        tie_word_embeddings=False,
-        spec=SpecMetadata(verifier=target.info, provenance=provenance),
-    )
+    config = dflash_config(lc, target.info, ids, draft_vocab, mask, k, provenance)
     what = "a z-lab DFlash checkpoint" if zlab else "a speculators DFlash checkpoint"
     problems += check_layout(m, layout_for(config), what, lambda name: name)
     if problems:

@@ -309,24 +309,40 @@ def eagle3_config(
     """The complete EAGLE-3 config around the draft decoder's `lc`, every vLLM flag written explicitly
     (vLLM's defaults differ by path). `aux_layer_ids` are the fc inputs in vLLM's capture-id convention;
     `verifier.name_or_path` is what vLLM will load as the target."""
+    return speculator_config(
+        "eagle3", lc, verifier, speculative_tokens, draft_vocab_size, provenance, "Eagle3DraftModel",
+        eagle_aux_hidden_state_layer_ids=list(aux_layer_ids), norm_before_residual=norm_before_residual,
+        norm_before_fc=norm_before_fc, fc_norm=fc_norm, norm_output=norm_output,
+    )  # fmt: skip
+
+
+def speculator_config(
+    model_type: str,
+    lc: dict,
+    verifier: TargetInfo,
+    speculative_tokens: int,
+    draft_vocab_size: int,
+    provenance: dict | None,
+    architecture: str,
+    **fields,
+) -> SpeculatorConfig:
+    """What every algorithm's config.json holds around its draft decoder `lc`: the speculators section
+    (k, the verifier vLLM loads), the draft vocabulary, target_hidden_size where it differs from the
+    draft's, our `spec` metadata; `fields` are the algorithm's own."""
     return SpeculatorConfig(
-        speculators_model_type="eagle3",
+        speculators_model_type=model_type,
         speculators_config=SpeculatorsSection(
-            algorithm="eagle3",
+            algorithm=model_type,
             proposal_methods=[ProposalMethod(speculative_tokens=speculative_tokens)],
             verifier=Verifier(name_or_path=verifier.name_or_path, architectures=[verifier.architecture]),
         ),
         transformer_layer_config=lc,
         draft_vocab_size=draft_vocab_size,
         target_hidden_size=verifier.hidden_size if verifier.hidden_size != lc["hidden_size"] else None,
-        eagle_aux_hidden_state_layer_ids=list(aux_layer_ids),
-        norm_before_residual=norm_before_residual,
-        norm_before_fc=norm_before_fc,
-        fc_norm=fc_norm,
-        norm_output=norm_output,
-        architectures=["Eagle3DraftModel"],
+        architectures=[architecture],
         tie_word_embeddings=False,
         spec=SpecMetadata(verifier=verifier, provenance=provenance or {}),
+        **fields,
     )
 
 

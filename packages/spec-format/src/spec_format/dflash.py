@@ -32,13 +32,10 @@ from spec_format.algorithms import (
     layer_dims,
     register_layout,
     register_serving,
+    speculator_config,
 )
 from spec_format.checkpoint import (
-    ProposalMethod,
-    SpecMetadata,
     SpeculatorConfig,
-    SpeculatorsSection,
-    Verifier,
 )
 from spec_format.errors import SpecError
 from spec_format.fingerprint import TargetInfo
@@ -137,6 +134,23 @@ def dflash_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
     return Layout(required=req, optional=opt, dtypes={"d2t": "I64", "t2d": "BOOL"}, forbidden=forbidden)
 
 
+def dflash_config(
+    lc: dict,
+    verifier: TargetInfo,
+    aux_layer_ids: list[int],
+    draft_vocab_size: int,
+    mask_token_id: int,
+    speculative_tokens: int,
+    provenance: dict | None = None,
+) -> SpeculatorConfig:
+    """The DFlash config around the draft decoder `lc` (new drafts and converted ones alike)."""
+    return speculator_config(
+        "dflash", lc, verifier, speculative_tokens, draft_vocab_size, provenance, "DFlashDraftModel",
+        aux_hidden_state_layer_ids=list(aux_layer_ids), mask_token_id=mask_token_id,
+        block_size=speculative_tokens + 1, sample_from_anchor=False,
+    )  # fmt: skip
+
+
 def build_dflash_config(
     verifier_cfg: dict,
     verifier: TargetInfo,
@@ -153,23 +167,8 @@ def build_dflash_config(
     if speculative_tokens < 1:
         raise SpecError(f"speculative_tokens must be at least 1, got {speculative_tokens}")
     lc = draft_layer_config(verifier_cfg, num_layers, "qwen3", **layer_overrides)
-    cfg = SpeculatorConfig(
-        speculators_model_type="dflash",
-        speculators_config=SpeculatorsSection(
-            algorithm="dflash",
-            proposal_methods=[ProposalMethod(speculative_tokens=speculative_tokens)],
-            verifier=Verifier(name_or_path=verifier.name_or_path, architectures=[verifier.architecture]),
-        ),
-        transformer_layer_config=lc,
-        draft_vocab_size=draft_vocab_size,
-        target_hidden_size=verifier.hidden_size if verifier.hidden_size != lc["hidden_size"] else None,
-        aux_hidden_state_layer_ids=list(aux_layer_ids),
-        mask_token_id=mask_token_id,
-        block_size=speculative_tokens + 1,
-        sample_from_anchor=False,
-        architectures=["DFlashDraftModel"],
-        tie_word_embeddings=False,
-        spec=SpecMetadata(verifier=verifier, provenance=provenance or {}),
+    cfg = dflash_config(
+        lc, verifier, aux_layer_ids, draft_vocab_size, mask_token_id, speculative_tokens, provenance
     )
     check_dflash_config(cfg)
     return cfg
