@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from spec_format.algorithms import build_eagle3_config, layout_for, vllm_speculative_config
-from spec_format.checkpoint import read_checkpoint, read_config, write_checkpoint
+from spec_format.checkpoint import read_checkpoint, read_config, reseal_checkpoint, write_checkpoint
 from spec_format.dflash import build_dflash_config, default_dflash_layers
 from spec_format.errors import SpecError
 from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir, read_model_config
@@ -152,7 +152,7 @@ def test_checkpoint_roundtrip_validates(tmp_path, model_type, num_layers):
     assert report.ok and not report.warnings, report
     cfg, tensors = read_checkpoint(ckpt)
     assert cfg.algorithm == "eagle3" and cfg.speculative_tokens == 3 and cfg.draft_vocab_size == 128
-    assert cfg.spec.format_version == 1 and cfg.spec.verifier.hidden_size == 64
+    assert cfg.spec.format_version == 2 and cfg.spec.verifier.hidden_size == 64
     assert cfg.spec.provenance == {"test": True}
     assert cfg.eagle_aux_hidden_state_layer_ids == [2, 4, 5]
     assert tensors["layers.0.self_attn.q_proj.weight"].shape == (
@@ -177,6 +177,7 @@ def test_plain_speculators_checkpoint_is_valid_as_it_is(tmp_path):
     ckpt = make_checkpoint(tmp_path)
     raw = json.loads((ckpt / "config.json").read_text())
     raw.pop("spec")
+    raw.pop("spec_sha256")
     raw.update(
         auto_map={"": "config.Eagle3SpeculatorConfig"}, speculators_version="0.8.0.dev0",
         embed_requires_grad=False, transformers_version="4.57.1", has_no_defaults_at_init=False,
@@ -187,10 +188,13 @@ def test_plain_speculators_checkpoint_is_valid_as_it_is(tmp_path):
     assert report.ok and report.warnings == [], report
 
 
+# The edits below stand for a faulty writer: the files are resealed, so what validation finds is the
+# edit itself, not the broken checksum (test_corruption_is_found covers that).
 def _mutate_config(ckpt: Path, fn) -> None:
     raw = json.loads((ckpt / "config.json").read_text())
     fn(raw)
     (ckpt / "config.json").write_text(json.dumps(raw))
+    reseal_checkpoint(ckpt)
 
 
 def _mutate_tensors(ckpt: Path, fn) -> None:
@@ -198,6 +202,7 @@ def _mutate_tensors(ckpt: Path, fn) -> None:
     tensors = {k: np.array(v) for k, v in tensors.items()}
     fn(tensors)
     save_tensors(ckpt / "model.safetensors", tensors, float_dtype="bfloat16")
+    reseal_checkpoint(ckpt)
 
 
 BAD_CHECKPOINTS = {
@@ -223,10 +228,10 @@ BAD_CHECKPOINTS = {
         lambda c: _mutate_config(c, lambda r: r.update(speculators_model_type="medusa9")),
         "unknown algorithm 'medusa9'",
     ),
-    "missing weights": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: file not found"),
+    "missing weights": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: not found"),
     "truncated weights": (
         lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:-100]),
-        "truncated",
+        "the weights are corrupted",
     ),
     "nan weights": (
         lambda c: _mutate_tensors(c, lambda t: t["norm.weight"].__setitem__(3, np.nan)),
@@ -444,15 +449,11 @@ def test_dflash_roundtrip_and_serving(tmp_path):
 
 
 def _config(ckpt, fn):
-    raw = json.loads((ckpt / "config.json").read_text())
-    fn(raw)
-    (ckpt / "config.json").write_text(json.dumps(raw))
+    _mutate_config(ckpt, fn)
 
 
 def _tensors(ckpt, fn):
-    t = {k: np.array(v) for k, v in load_tensors(ckpt / "model.safetensors").items()}
-    fn(t)
-    save_tensors(ckpt / "model.safetensors", t, float_dtype="bfloat16")
+    _mutate_tensors(ckpt, fn)
 
 
 BROKEN = {
@@ -487,3 +488,29 @@ def test_full_vocabulary_dflash_shares_the_targets_head(tmp_path):
     assert validate_checkpoint(ckpt, verifier=v).ok
     _tensors(ckpt, lambda t: t.update(d2t=np.zeros(VOCAB, np.int64)))
     assert any("'d2t' must be absent" in e for e in validate_checkpoint(ckpt, verifier=v).errors)
+
+
+def test_a_flipped_byte_anywhere_in_a_checkpoint_is_found(tmp_path):
+    """config.json is sealed and records model.safetensors' sha256: a byte changed anywhere in either file
+    (here 40 uniformly placed positions each), or either file cut short, is an error of validation and of
+    reading; the edit `write_speculative_tokens` makes is resealed and stays valid."""
+    from spec_format.checkpoint import write_speculative_tokens
+
+    ckpt = make_checkpoint(tmp_path)
+    assert validate_checkpoint(ckpt).ok
+    rng = np.random.default_rng(0)
+    for name in ("config.json", "model.safetensors"):
+        good = (ckpt / name).read_bytes()
+        for pos in rng.integers(0, len(good), 40):
+            bad = bytearray(good)
+            bad[pos] ^= 1 << int(rng.integers(0, 8))
+            (ckpt / name).write_bytes(bytes(bad))
+            errors = validate_checkpoint(ckpt).errors
+            assert errors and all("\n" not in e for e in errors), (name, pos)
+            with pytest.raises(SpecError):
+                read_checkpoint(ckpt)
+        (ckpt / name).write_bytes(good[: len(good) // 2])
+        assert not validate_checkpoint(ckpt).ok
+        (ckpt / name).write_bytes(good)
+    assert write_speculative_tokens(ckpt, 5) == 3
+    assert validate_checkpoint(ckpt).ok and read_config(ckpt)[0].speculative_tokens == 5

@@ -580,10 +580,13 @@ def test_shard_from_another_dataset(damaged, tmp_path):
     write(tmp_path / "other", range(10), dtype="fp8", compression="zstd")
     shutil.copy(shard_path(tmp_path / "other"), shard_path(damaged))
     one_line_error(damaged, "size is|does not match the manifest|samples")
-    manifest = json.loads((damaged / "manifest.json").read_text())
-    manifest["num_bytes"] += shard_path(damaged).stat().st_size - manifest["shards"][0]["num_bytes"]
-    manifest["shards"][0]["num_bytes"] = shard_path(damaged).stat().st_size
-    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    size = shard_path(damaged).stat().st_size
+
+    def fix_size(m):
+        m["num_bytes"] += size - m["shards"][0]["num_bytes"]
+        m["shards"][0]["num_bytes"] = size
+
+    edit_manifest(damaged, fix_size)
     one_line_error(damaged, r"does not match the manifest \(dtype: fp8 != bf16")
 
 
@@ -600,9 +603,14 @@ def test_zstd_frame_damage_is_caught_on_read(damaged):
 
 
 def edit_manifest(path: Path, fn) -> None:
+    """Change the manifest as a faulty writer would: resealed, so validation sees the edit itself."""
+    from spec_format.dataset.manifest import SEAL
+    from spec_format.files import seal_json
+
     m = json.loads((path / "manifest.json").read_text())
     fn(m)
-    (path / "manifest.json").write_text(json.dumps(m))
+    m.pop(SEAL, None)
+    (path / "manifest.json").write_bytes(seal_json(json.dumps(m).encode(), SEAL))
 
 
 @pytest.mark.parametrize(
@@ -682,3 +690,24 @@ def test_cli_validate_and_inspect(damaged, spec_cli):
     (damaged / "manifest.json").write_text("{")
     out = subprocess.run([spec_cli, "inspect", str(damaged)], capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr and "not valid JSON" in out.stderr
+
+
+def test_a_flipped_byte_anywhere_in_a_manifest_is_found(damaged):
+    """The manifest is sealed (its last key is the sha256 of the bytes before it): any changed byte is
+    an error of opening the dataset, not only of --deep; manifests of format version 1 (unsealed) are read."""
+    from spec_format.dataset.manifest import SEAL
+
+    path = damaged / "manifest.json"
+    good = path.read_bytes()
+    rng = np.random.default_rng(1)
+    for pos in rng.integers(0, len(good), 60):
+        bad = bytearray(good)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(bad))
+        one_line_error(damaged, ".", deep=False)
+    m = json.loads(good)
+    m.pop(SEAL)
+    path.write_text(json.dumps(m | {"format_version": 1}))
+    assert validate_dataset(damaged, deep=True) == []
+    path.write_text(json.dumps(m))
+    one_line_error(damaged, "checksum field 'manifest_sha256' is missing", deep=False)

@@ -10,8 +10,14 @@ vllm/transformers_utils/configs/speculators/ (`maybe_override_with_speculators`)
 their defaults differ between vLLM's speculators path and its plain EAGLE-3 path.
 
 Our additions live under one top-level key, `spec` (vLLM ignores it): format version, layer-index
-convention, verifier fingerprint and provenance. A plain speculators checkpoint has no `spec` key and is
-valid as it is.
+convention, verifier fingerprint, provenance and the sha256 of model.safetensors. A plain speculators
+checkpoint has no `spec` key and is valid as it is.
+
+Integrity (format version 2): config.json ends with `"spec_sha256": "<hex>"`, the sha256 of the file's
+bytes before it (spec_format.files.seal_json), and `spec.weights_sha256` is that of model.safetensors, so a
+flipped, cut or lost byte in either file is an error of `spec validate`, of loading and of `--resume`.
+vLLM reads both keys as unknown config attributes and ignores them. Version 1 checkpoints (no seal) are
+still read.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import msgspec
 import numpy as np
 
 from spec_format.errors import SpecError
+from spec_format.files import file_sha256, seal_json, seal_problem
 from spec_format.fingerprint import LAYER_CONVENTION, TargetInfo
 from spec_format.tensors import load_tensors, save_tensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SEAL = "spec_sha256"  # config.json's last key: the sha256 of the bytes before it
 
 
 class ProposalMethod(msgspec.Struct):
@@ -59,6 +67,7 @@ class SpecMetadata(msgspec.Struct):
     layer_index_convention: str = LAYER_CONVENTION
     verifier: TargetInfo | None = None
     provenance: dict[str, Any] = {}
+    weights_sha256: str | None = None  # hex sha256 of model.safetensors (format version 2)
 
 
 class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
@@ -114,7 +123,7 @@ class SpeculatorConfig(msgspec.Struct, omit_defaults=True):
 
 
 # Fields of a real speculators config.json that we accept without interpreting them.
-_TOLERATED_FIELDS = {"has_no_defaults_at_init", "model_type", "_name_or_path"}
+_TOLERATED_FIELDS = {"has_no_defaults_at_init", "model_type", "_name_or_path", SEAL}
 KNOWN_FIELDS = set(SpeculatorConfig.__struct_fields__) | _TOLERATED_FIELDS
 
 
@@ -160,7 +169,38 @@ def read_config(path: str | Path) -> tuple[SpeculatorConfig, list[str]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         detail = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
         raise SpecError(f"{file}: not valid JSON{detail}") from None
+    if isinstance(raw, dict) and _sealed(raw) and (problem := seal_problem(file.read_bytes(), SEAL)):
+        raise SpecError(f"{file}: {problem}: the file is corrupted or was edited; restore it (or re-export "
+                        "the draft)")  # fmt: skip
     return parse_config(raw, str(file))
+
+
+def _sealed(raw: dict) -> bool:
+    """Whether config.json must carry its seal: it has one, or our metadata says format version >= 2."""
+    spec = raw.get("spec")
+    version = spec.get("format_version", 1) if isinstance(spec, dict) else 1
+    return SEAL in raw or (isinstance(spec, dict) and (not isinstance(version, int) or version >= 2))
+
+
+def weights_problem(path: str | Path, cfg: SpeculatorConfig) -> str | None:
+    """model.safetensors against the sha256 config.json records for it (None when it matches or none is
+    recorded: a plain speculators checkpoint)."""
+    want = cfg.spec.weights_sha256 if cfg.spec else None
+    needs = cfg.spec is not None and cfg.spec.format_version >= 2
+    file = Path(path) / WEIGHTS_NAME
+    if want is None:
+        return f"{file.parent / CONFIG_NAME}: field 'spec.weights_sha256' is missing" if needs else None
+    if not file.is_file():
+        return f"{file}: not found; restore it (config.json records its sha256)"
+    found = file_sha256(file)
+    if found != want:
+        return (f"{file}: sha256 is {found[:16]}..., config.json's spec.weights_sha256 says {want[:16]}...: "
+                "the weights are corrupted: restore them")  # fmt: skip
+    return None
+
+
+def _dump(raw: dict) -> bytes:
+    return seal_json(json.dumps({k: v for k, v in raw.items() if k != SEAL}, indent=2).encode(), SEAL)
 
 
 def write_speculative_tokens(path: str | Path, k: int) -> int:
@@ -173,9 +213,21 @@ def write_speculative_tokens(path: str | Path, k: int) -> int:
     raw["speculators_config"]["proposal_methods"][0]["speculative_tokens"] = k
     parse_config(raw, str(file))
     tmp = file.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    tmp.write_bytes(_dump(raw))
     os.replace(tmp, file)
     return old
+
+
+def reseal_checkpoint(path: str | Path) -> None:
+    """Seal config.json and record model.safetensors' sha256 again, as they are now: for files changed on
+    purpose (a hand edit, a test that writes a broken file as a faulty writer would)."""
+    file = Path(path) / CONFIG_NAME
+    raw = json.loads(file.read_bytes())
+    if isinstance(raw.get("spec"), dict) and (Path(path) / WEIGHTS_NAME).is_file():
+        raw["spec"]["weights_sha256"] = file_sha256(Path(path) / WEIGHTS_NAME)
+    tmp = file.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
+    tmp.write_bytes(_dump(raw))
+    os.replace(tmp, file)
 
 
 def config_to_dict(cfg: SpeculatorConfig) -> dict[str, Any]:
@@ -195,8 +247,12 @@ def write_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = msgspec.structs.replace(cfg, torch_dtype=float_dtype, dtype=float_dtype)
     save_tensors(out / WEIGHTS_NAME, tensors, float_dtype=float_dtype)
+    if cfg.spec is not None:
+        sha = file_sha256(out / WEIGHTS_NAME)
+        spec = msgspec.structs.replace(cfg.spec, format_version=FORMAT_VERSION, weights_sha256=sha)
+        cfg = msgspec.structs.replace(cfg, spec=spec)
     tmp = out / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    tmp.write_bytes(_dump(config_to_dict(cfg)))
     os.replace(tmp, out / CONFIG_NAME)
     return out
 
@@ -204,6 +260,8 @@ def write_checkpoint(
 def read_checkpoint(path: str | Path) -> tuple[SpeculatorConfig, dict[str, np.ndarray]]:
     """(config, tensors) of a checkpoint directory; float tensors come back as float32 numpy arrays."""
     cfg, _ = read_config(path)
+    if problem := weights_problem(path, cfg):
+        raise SpecError(problem)
     return cfg, load_tensors(Path(path) / WEIGHTS_NAME)
 
 

@@ -9,7 +9,13 @@ import msgspec
 import numpy as np
 
 from spec_format.algorithms import layout_for
-from spec_format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, SpeculatorConfig, read_config
+from spec_format.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    SpeculatorConfig,
+    read_config,
+    weights_problem,
+)
 from spec_format.errors import SpecError
 from spec_format.fingerprint import fingerprint_model_dir, read_model_config
 from spec_format.tensors import load_tensors, read_header
@@ -117,6 +123,8 @@ def validate_checkpoint(path: str | Path, verifier: str | Path | None = None) ->
         return Report(errors=[str(e)])
     report = Report(warnings=list(warnings))
     weights = path / WEIGHTS_NAME
+    if problem := weights_problem(path, cfg):
+        return Report(errors=[problem], warnings=report.warnings)
     try:
         report.errors += check_tensors(cfg, weights, source)
         if verifier is not None:

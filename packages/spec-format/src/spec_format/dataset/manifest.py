@@ -18,11 +18,13 @@ import numpy as np
 
 from spec_format.dataset.shard import SHARD_VERSION, ShardHeader, shard_columns
 from spec_format.errors import SpecError
+from spec_format.files import seal_json, seal_problem
 from spec_format.fingerprint import LAYER_CONVENTION, TargetInfo
 
 FORMAT = "spec-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the file is sealed (spec_format.files.seal_json); 1 (unsealed) is still read
 MANIFEST = "manifest.json"
+SEAL = "manifest_sha256"
 
 
 class ShardInfo(msgspec.Struct, kw_only=True):
@@ -107,7 +109,8 @@ def part_name(job_index: int, num_jobs: int) -> str:
 
 
 def encode(manifest: DatasetManifest) -> bytes:
-    return msgspec.json.encode(manifest) + b"\n"  # compact: token_frequencies can hold 100k+ numbers
+    # Compact (token_frequencies can hold 100k+ numbers) and sealed: a flipped byte anywhere is found.
+    return seal_json(msgspec.json.encode(manifest), SEAL)
 
 
 def fsync_dir(path: Path) -> None:
@@ -138,12 +141,17 @@ def read_one(path: Path) -> DatasetManifest:
     except OSError as e:
         raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
     try:
+        raw = msgspec.json.decode(data)
+        version = raw.get("format_version", 1) if isinstance(raw, dict) else 1
+        sealed = isinstance(raw, dict) and (SEAL in raw or not isinstance(version, int) or version >= 2)
+        if sealed and (problem := seal_problem(data, SEAL)):
+            raise SpecError(f"{path}: {problem}: the manifest is corrupted: restore it or re-create the dataset")
         m = msgspec.json.decode(data, type=DatasetManifest)
     except msgspec.ValidationError as e:
         raise SpecError(
             f"{path}: {e}; the manifest is damaged: restore it or re-create the dataset"
         ) from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # a flipped byte can make invalid UTF-8
         raise SpecError(
             f"{path}: not valid JSON ({e}); restore the manifest or re-create the dataset"
         ) from None
