@@ -112,3 +112,61 @@ def test_cost_estimate_and_disk_check(tmp_path):
     with pytest.raises(SpecError, match=r"needs about .* but only .* is free there; .* or pass --force"):
         check_disk(tmp_path, 1 << 60, force=False)
     assert check_disk(tmp_path, 1 << 60, force=True) > 0
+
+
+class _NoEngine:
+    """A Capturer stand-in for write_dataset: the real renderer and layers, no vLLM engine."""
+
+    def __init__(self, demo_model, start):
+        from spec_format.fingerprint import read_model_config
+
+        self.model, self.config = demo_model, read_model_config(demo_model)
+        self.layer_ids, self.hidden_size = [2, 15, 30], self.config["hidden_size"]
+        self.renderer = ChatRenderer.for_model(demo_model)
+        self.start = start
+
+    def tokenized(self, source, **kw):
+        return tokenized_samples(source, self.renderer, max_len=512, **kw)
+
+
+def test_a_failed_engine_start_leaves_no_empty_dataset_behind(tmp_path, demo_model):
+    """The engine fails to start (after the writer opened the directory): no dataset that validates
+    stays behind; a directory that held committed samples before is kept."""
+    from spec_datagen.pipeline import write_dataset
+
+    def start():
+        raise SpecError("the engine would not start")
+
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(3)])
+    with pytest.raises(SpecError, match="would not start"):
+        write_dataset(_NoEngine(demo_model, start), data, tmp_path / "out", report=None, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_captured_states_are_skipped_and_counted(tmp_path, demo_model, monkeypatch):
+    """A sample whose captured states hold NaN/Inf is not written: counted as skipped, named by its input
+    row; the others are kept (docs/reliability.md)."""
+    import numpy as np
+
+    from spec_datagen import pipeline
+    from spec_datagen.capture import CapturedSample
+    from spec_format.dataset import Dataset, validate_dataset
+
+    def fake_capture(_llm, samples, **_kw):
+        for s in samples:
+            hidden = np.ones((len(s.token_ids), 3, 576), np.float32)
+            if s.source_index == 1:
+                hidden[3, 1, 7] = np.nan
+            yield CapturedSample(s.source_index, s.token_ids, s.loss_mask, hidden)
+
+    monkeypatch.setattr(pipeline, "capture", fake_capture)
+    cap = _NoEngine(demo_model, lambda: None)
+    cap.samples = pipeline.Capturer.samples.__get__(cap)
+    cap.llm = None
+    said = []
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(3)])
+    summary = pipeline.write_dataset(cap, data, tmp_path / "out", report=said.append, progress=False)
+    assert summary.stats.skipped == {"non_finite_states": 1} and summary.stats.samples == 2
+    assert "input row 1: the target's hidden states hold NaN/Inf; skipped" in said
+    assert Dataset(tmp_path / "out").source_indices.tolist() == [0, 2]
+    assert validate_dataset(tmp_path / "out", deep=True) == []

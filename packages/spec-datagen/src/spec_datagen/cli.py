@@ -202,11 +202,13 @@ def datagen(
 
     from spec_datagen.capture import validate_layer_ids
     from spec_datagen.pipeline import Capturer, write_dataset
+    from spec_datagen.targets import check_target
     from spec_format.algorithms import default_layers
     from spec_format.fingerprint import read_model_config
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
+    check_target(target, method="extract_hidden_states")  # before anything is written or started
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
     layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)

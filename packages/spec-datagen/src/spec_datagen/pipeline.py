@@ -13,6 +13,7 @@ resumed job continues exactly where its last committed shard ended.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from spec_datagen.capture import (
     CapturedSample,
@@ -204,6 +206,9 @@ class Capturer:
         """Start the capture engine unless it runs (35-50 s on two CPU cores); returns it. Done lazily, so
         that everything that can be checked without it (layers, rows, disk space) fails before it starts."""
         if self._llm is None:
+            from spec_datagen.targets import check_target
+
+            check_target(self.model, method="extract_hidden_states")
             self._storage = default_storage_dir()
             self._llm = make_capture_llm(self.model, self.layer_ids, self._storage, **self._engine_kwargs)
         return self._llm
@@ -225,9 +230,17 @@ class Capturer:
     ) -> Iterator[CapturedSample]:
         """CapturedSamples for this job's rows of `source`, in input order (kwargs: see tokenized_samples)."""
         stats = kwargs.setdefault("stats", Stats())
+        report = kwargs.get("report", say)
         for sample in capture(
             self.llm, self.tokenized(source, **kwargs), max_inflight_tokens=max_inflight_tokens
         ):
+            if not np.isfinite(sample.hidden).all():  # skipped and counted (docs/reliability.md)
+                stats.skip("non_finite_states")
+                if report is not None:
+                    report(
+                        f"input row {sample.source_index}: the target's hidden states hold NaN/Inf; skipped"
+                    )
+                continue
             stats.samples += 1
             stats.tokens += len(sample.token_ids)
             stats.supervised_tokens += int(sample.loss_mask.sum())
@@ -282,6 +295,29 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
+@contextlib.contextmanager
+def _nothing_left_on_failure(out_dir: Path, num_shards: int):
+    """A run into a new directory that fails before it commits a sample (the engine would not start, a
+    check refused) removes the directory, rather than leave an empty dataset that validates. A directory
+    shared by several jobs is left alone (another job may be writing it)."""
+    fresh = num_shards == 1 and (not out_dir.exists() or not any(out_dir.iterdir()))
+    try:
+        yield
+    except BaseException:
+        if fresh and _num_committed(out_dir) == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _num_committed(out_dir: Path) -> int:
+    from spec_format.dataset import manifest
+
+    try:
+        return manifest.load(out_dir)[0].num_samples
+    except SpecError:
+        return 0
+
+
 def write_dataset(
     capturer: Capturer,
     source: Any,
@@ -323,19 +359,22 @@ def write_dataset(
         long=long, on_error=on_error, shard_index=shard_index, num_shards=num_shards, max_rows=max_rows
     )
     before = dir_bytes(out_dir)
-    with DatasetWriter(
-        out_dir,
-        target=target,
-        layer_ids=capturer.layer_ids,
-        hidden_size=capturer.hidden_size,
-        dtype=dtype,
-        compression=compression,
-        samples_per_shard=samples_per_shard,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        resume=resume,
-        command=command,
-    ) as writer:
+    with (
+        _nothing_left_on_failure(out_dir, num_shards),
+        DatasetWriter(
+            out_dir,
+            target=target,
+            layer_ids=capturer.layer_ids,
+            hidden_size=capturer.hidden_size,
+            dtype=dtype,
+            compression=compression,
+            samples_per_shard=samples_per_shard,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            resume=resume,
+            command=command,
+        ) as writer,
+    ):
         start = writer.next_source_index
         per_token = bytes_per_token(len(capturer.layer_ids), capturer.hidden_size, dtype)
         n_expected = tokens_expected = None

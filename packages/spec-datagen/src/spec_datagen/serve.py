@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from spec_datagen.runtime import cpu_environment, engine_kwargs, is_cpu_platform
+from spec_datagen.targets import check_target
 from spec_format.algorithms import vllm_speculative_config
 from spec_format.checkpoint import read_config
 from spec_format.console import say
@@ -38,6 +39,9 @@ def server_command(
     vllm_args = list(vllm_args)
     cfg, _ = read_config(draft_dir)
     k = num_speculative_tokens or cfg.speculative_tokens
+    check_target(
+        verifier or cfg.verifier_name, method=vllm_speculative_config(cfg, str(draft_dir), k)["method"]
+    )
     if verifier is None and num_speculative_tokens is None:
         cmd = ["--model", str(draft_dir)]  # vLLM takes the verifier and k from config.json
     else:

@@ -9,6 +9,11 @@ and fault campaigns. Every such hook lives in this module, so this docstring lis
                            (1-based): "step" after the step's backward pass, before the optimiser update;
                            "checkpoint" midway through writing that step's checkpoint (spec_train.state).
                            Resume tests use it to kill a run where an outside kill could only land by luck.
+    SPEC_DATAGEN_KILL_AT=WHERE:K
+                           fault injection: the dataset writer (spec_format.dataset.writer) sends its process
+                           SIGKILL while committing the K-th shard of this run (1-based): "shard" with the
+                           shard file written and fsynced but not yet renamed into place, "manifest" with it
+                           renamed but not yet listed in the manifest. tools/fault_campaign.py uses both.
 
 Unset, a hook does nothing.
 """
@@ -27,7 +32,7 @@ def record_engine_start(kind: str) -> None:
             f.write(f"{os.getpid()} {kind}\n")
 
 
-def kill_point(where: str, step: int) -> None:
-    """SIGKILL this process when $SPEC_TRAIN_KILL_AT is "<where>:<step>"."""
-    if os.environ.get("SPEC_TRAIN_KILL_AT") == f"{where}:{step}":
+def kill_point(where: str, step: int, variable: str = "SPEC_TRAIN_KILL_AT") -> None:
+    """SIGKILL this process when $variable is "<where>:<step>"."""
+    if os.environ.get(variable) == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -127,6 +127,7 @@ def eval_cmd(
     and suffix decoding, at one k or over several (--k 1,2,3,4,6), in interleaved timing rounds."""
     import msgspec
 
+    from spec_datagen.targets import check_target
     from spec_format.checkpoint import read_config, write_speculative_tokens
     from spec_format.errors import SpecError
     from spec_train.eval_prompts import load_prompts, warmup_prompt_ids
@@ -152,7 +153,9 @@ def eval_cmd(
     suffix = not no_suffix and not offline and suffix_available()
     baseline_k = ks[0] if len(ks) == 1 else own_k  # n-gram's k
     # A k vLLM cannot serve fails here, before any engine starts.
-    speculative_configs(draft_dir, ks, baseline_k, ngram=not no_ngram, suffix=suffix)
+    configs = speculative_configs(draft_dir, ks, baseline_k, ngram=not no_ngram, suffix=suffix)
+    if not offline:  # a target vLLM cannot pair with this draft, too (spec_datagen.targets)
+        check_target(verifier, method=configs[0].spec["method"])
     prompts = load_prompts(list(sources), verifier, limit=num_prompts)
     ids = [p.ids for p in prompts]
     out = _stdout_for_json() if as_json else None

@@ -14,6 +14,12 @@ Run directory:
     RUN/best/                             the speculator files of the best checkpoint by validation
                                           acceptance length
 
+Integrity: state.json is sealed (its last key is the sha256 of its bytes, spec_format.files.seal_json) and
+records the sha256 of weights.safetensors, optimizer.safetensors and rng.json; config.json is sealed and
+records model.safetensors' (spec_format.checkpoint). --resume checks all of them, so a flipped, cut or
+missing byte in any file of the checkpoint it resumes from is an error naming the file, never a silent
+resume from damaged state.
+
 A checkpoint is written into `checkpoints/.tmp-step-...`, every file fsynced, then renamed: a directory
 named step-NNNNNN is complete, whatever moment a run was killed at. --resume takes the highest one;
 leftover temporary directories are deleted. final/ and best/ are replaced by two renames; a run killed
@@ -33,13 +39,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from spec_format.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from spec_format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, weights_problem
 from spec_format.dataset.manifest import fsync_dir, write_atomic
 from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
+from spec_format.files import file_sha256, seal_json, seal_problem
 
 CHECKPOINTS, FINAL, BEST, TRAINING = "checkpoints", "final", "best", "training"
 _STEP_DIR = re.compile(r"step-(\d{6,})")
+_HASHED = ("weights.safetensors", "optimizer.safetensors", "rng.json")  # recorded in state.json
+SEAL = "state_sha256"
 
 
 class TrainingState(msgspec.Struct, kw_only=True):
@@ -54,6 +63,7 @@ class TrainingState(msgspec.Struct, kw_only=True):
     best_step: int | None = None
     best_acceptance_length: float | None = None
     param_groups: list[dict] = []  # the optimiser's hyper-parameters; "params" lists parameter names
+    sha256: dict[str, str] = {}  # training/ file name -> hex sha256 (every file but state.json itself)
 
 
 class RngState(msgspec.Struct):
@@ -121,13 +131,25 @@ def save_checkpoint(
     """Write checkpoints/step-NNNNNN (rank 0 only). `draft` holds the full weights (the speculator files
     are written from it); `weights` are the fp32 tensors to resume from; `optimizer` is a full optimiser
     state dict keyed by parameter names; `rng` has one entry per rank."""
-    from spec_models import save
-
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(state.step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write_checkpoint(tmp, draft, weights, optimizer, state, rng, save_dtype)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    except OSError as e:  # a full disk, above all: what was committed before stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SpecError(f"{root}: writing the checkpoint of step {state.step} failed ({e.strerror or e}); "
+                        "the checkpoints before it are intact: free space and run again with --resume") from None  # fmt: skip
+    return final
+
+
+def _write_checkpoint(tmp: Path, draft, weights, optimizer, state: TrainingState, rng, save_dtype) -> None:
+    from spec_models import save
+
     save(draft, tmp, float_dtype=save_dtype)
     (tmp / TRAINING).mkdir()
     save_file(
@@ -139,13 +161,13 @@ def save_checkpoint(
     flat = {f"{name}:{key}": t.detach().cpu().contiguous()
             for name, per in optimizer["state"].items() for key, t in per.items()}  # fmt: skip
     save_file(flat, tmp / TRAINING / "optimizer.safetensors")
-    state = msgspec.structs.replace(state, param_groups=[_jsonable(g) for g in optimizer["param_groups"]])
     (tmp / TRAINING / "rng.json").write_bytes(msgspec.json.encode(rng))
-    (tmp / TRAINING / "state.json").write_bytes(msgspec.json.format(msgspec.json.encode(state), indent=1))
+    sha = {name: file_sha256(tmp / TRAINING / name) for name in _HASHED}
+    groups = [_jsonable(g) for g in optimizer["param_groups"]]
+    state = msgspec.structs.replace(state, param_groups=groups, sha256=sha)
+    state_json = msgspec.json.format(msgspec.json.encode(state), indent=1)
+    (tmp / TRAINING / "state.json").write_bytes(seal_json(state_json, SEAL))
     _fsync_tree(tmp)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    return final
 
 
 def _jsonable(group: dict) -> dict:
@@ -207,14 +229,29 @@ def clean_partial(run_dir: Path) -> list[Path]:
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, TrainingState, list[RngState]]:
     """(fp32 weights, optimiser state dict keyed by parameter names, training state, RNG per rank)."""
     t = ckpt / TRAINING
+    remove = "remove this checkpoint to resume from the one before"
     try:
-        state = msgspec.json.decode((t / "state.json").read_bytes(), type=TrainingState)
+        # The speculator files that final/ is published from, then the training state.
+        if problem := weights_problem(ckpt, read_config(ckpt)[0]):
+            raise SpecError(problem)
+        data = (t / "state.json").read_bytes()
+        if problem := seal_problem(data, SEAL):
+            raise SpecError(f"{t / 'state.json'}: {problem}")
+        state = msgspec.json.decode(data, type=TrainingState)
+        for name in _HASHED:
+            if name not in state.sha256:
+                raise SpecError(f"{t / 'state.json'}: no sha256 recorded for {name}")
+            if file_sha256(t / name) != state.sha256[name]:
+                raise SpecError(
+                    f"{t / name}: its sha256 differs from the one state.json records: it is corrupted"
+                )
         rng = msgspec.json.decode((t / "rng.json").read_bytes(), type=list[RngState])
         weights = load_file(t / "weights.safetensors")
         flat = load_file(t / "optimizer.safetensors")
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise SpecError(f"{ckpt}: the training state cannot be read ({e}); remove this checkpoint to resume "
-                        "from the one before") from None  # fmt: skip
+    except SpecError as e:
+        raise SpecError(f"{ckpt}: cannot resume from it: {e}; {remove}") from None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        raise SpecError(f"{ckpt}: the training state cannot be read ({e}); {remove}") from None
     per: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         name, _, field = key.rpartition(":")

@@ -145,7 +145,9 @@ def read_one(path: Path) -> DatasetManifest:
         version = raw.get("format_version", 1) if isinstance(raw, dict) else 1
         sealed = isinstance(raw, dict) and (SEAL in raw or not isinstance(version, int) or version >= 2)
         if sealed and (problem := seal_problem(data, SEAL)):
-            raise SpecError(f"{path}: {problem}: the manifest is corrupted: restore it or re-create the dataset")
+            raise SpecError(
+                f"{path}: {problem}: the manifest is corrupted: restore it or re-create the dataset"
+            )
         m = msgspec.json.decode(data, type=DatasetManifest)
     except msgspec.ValidationError as e:
         raise SpecError(

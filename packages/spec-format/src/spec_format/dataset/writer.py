@@ -35,6 +35,7 @@ from spec_format.dataset.manifest import (
     write_atomic,
 )
 from spec_format.dataset.shard import ShardBuilder
+from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
 from spec_format.fingerprint import LAYER_CONVENTION, TargetInfo
 
@@ -95,6 +96,7 @@ class DatasetWriter:
         self._prefix = job_file_prefix(shard_index, num_shards)
         self._own_name = MANIFEST if num_shards == 1 else part_name(shard_index, num_shards)
         self._shard: ShardBuilder | None = None
+        self._commits = 0  # shards committed by this writer (fault injection counts them)
         self._closed = False
         now = _now()
         fresh = DatasetManifest(
@@ -357,8 +359,11 @@ class DatasetWriter:
         final = builder.tmp_path.with_name(
             builder.tmp_path.name[1:-4]
         )  # ".shard-...bin.tmp" -> "shard-...bin"
+        self._commits += 1
+        kill_point("shard", self._commits, "SPEC_DATAGEN_KILL_AT")  # fault injection (diagnostics)
         os.replace(builder.tmp_path, final)
         fsync_dir(self.path)
+        kill_point("manifest", self._commits, "SPEC_DATAGEN_KILL_AT")
         m = self._manifest
         info = ShardInfo(
             file=final.name,
