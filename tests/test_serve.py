@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 
+from spec_format.checkpoint import reseal_checkpoint
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -51,6 +53,7 @@ def test_spec_serve_runs_draft_and_stops_on_sigterm(tmp_path, demo_model, random
     config = json.loads((draft / "config.json").read_text())
     config["speculators_config"]["verifier"]["name_or_path"] = str(tmp_path / "not-here")
     (draft / "config.json").write_text(json.dumps(config))
+    reseal_checkpoint(draft)  # edited on purpose
     port = _free_port()
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
     proc = subprocess.Popen(

@@ -79,7 +79,7 @@ class Row(msgspec.Struct):
 
 class Campaign:
     def __init__(self, work: Path, seed: int):
-        self.work = work
+        self.work, self.seed = work, seed
         self.rng = random.Random(seed)
         self.rows: list[Row] = []
         self.engine_log = work / "engine-starts.log"
@@ -287,7 +287,7 @@ def crash_datagen(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> N
 
     shards = len(Dataset(ref).manifest.shards)
     for i in range(n):
-        mode = ("random moment", "shard file not renamed", "shard not in manifest")[i % 3]
+        mode = ("random moment", "shard file not renamed", "shard not in manifest")[(i + c.seed) % 3]
         out = c.work / f"dg-crash-{i}"
         k = c.rng.randint(1, shards - 1)
         env = c.env()
@@ -352,7 +352,7 @@ def reference_train(c: Campaign, ds: Path, verifier: Path) -> Path:
 def crash_train(c: Campaign, ds: Path, verifier: Path, ref: Path, n: int) -> None:
     want = final_state(ref)
     for i in range(n):
-        mode = ("mid-step", "mid-checkpoint-write", "outside, random moment")[i % 3]
+        mode = ("mid-step", "mid-checkpoint-write", "outside, random moment")[(i + c.seed) % 3]
         out = c.work / f"train-crash-{i}"
         env = c.env()
         if mode == "mid-step":

@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from spec_format.checkpoint import reseal_checkpoint
 from spec_format.tensors import load_tensors, read_header, save_tensors
 
 K = 4
@@ -20,7 +21,7 @@ def run(spec_cli, *args) -> subprocess.CompletedProcess:
 
 def config_without_provenance(path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
-    del cfg["spec"]["provenance"]
+    del cfg["spec"]["provenance"], cfg["spec_sha256"]  # the seal covers the provenance too
     return cfg
 
 
@@ -30,12 +31,14 @@ def _drop_mapping(ckpt):
         k: np.array(v) for k, v in load_tensors(ckpt / "model.safetensors").items() if k not in ("d2t", "t2d")
     }
     save_tensors(ckpt / "model.safetensors", t, float_dtype="bfloat16")
+    reseal_checkpoint(ckpt)  # an edit on purpose: sealed again
 
 
 def _set_layers(ckpt, ids):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["eagle_aux_hidden_state_layer_ids"] = ids
     (ckpt / "config.json").write_text(json.dumps(cfg))
+    reseal_checkpoint(ckpt)
 
 
 VARIANTS = {
@@ -91,6 +94,7 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path, verifier, random_e
     ours = random_eagle3(tmp_path / "ours", verifier, draft_vocab=128)
     cfg = json.loads((ours / "config.json").read_text())
     (ours / "config.json").write_text(json.dumps(cfg | {"norm_before_residual": True}))
+    reseal_checkpoint(ours)
     res = run(spec_cli, ours, "--to", "eagle3", "--out", tmp_path / "out")
     assert res.returncode == 1 and "norm_before_residual is true" in res.stderr, res.stderr
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from spec_format.checkpoint import read_config
+from spec_format.checkpoint import read_config, reseal_checkpoint
 from spec_format.errors import SpecError
 from spec_format.tensors import load_tensors, read_header
 from spec_format.validate import validate_checkpoint
@@ -170,6 +170,7 @@ def test_embeddings_in_checkpoint_when_asked_or_trained(tmp_path, verifier):
     cfg = json.loads((out / "config.json").read_text())
     cfg["speculators_config"]["verifier"]["name_or_path"] = "some/hub-model"
     (out / "config.json").write_text(json.dumps(cfg))
+    reseal_checkpoint(out)  # edited on purpose
     back = load(out)
     assert torch.equal(back.embed_tokens.weight, model.embed_tokens.weight.to(torch.bfloat16).float())
 
@@ -184,6 +185,7 @@ def test_load_takes_embeddings_from_verifier_path_in_config(tmp_path, verifier):
     cfg = json.loads((out / "config.json").read_text())
     cfg["speculators_config"]["verifier"]["name_or_path"] = "some/hub-model"
     (out / "config.json").write_text(json.dumps(cfg))
+    reseal_checkpoint(out)  # edited on purpose
     with pytest.raises(SpecError, match="no embed_tokens.*pass the verifier directory"):
         load(out)
 
@@ -194,6 +196,7 @@ def test_load_refuses_broken_checkpoints(tmp_path, verifier):
     cfg = json.loads((out / "config.json").read_text())
     cfg["speculators_model_type"] = "medusa9"
     (out / "config.json").write_text(json.dumps(cfg))
+    reseal_checkpoint(out)  # edited on purpose
     with pytest.raises(SpecError, match="unknown algorithm 'medusa9'"):
         load(out, verifier=vdir)
     with pytest.raises(SpecError, match="spec-models has no draft 'medusa9'"):
