@@ -17,6 +17,8 @@ from pathlib import Path
 import msgspec
 import torch
 
+from spec_format.errors import SpecError
+
 
 class AcceptanceEstimate(msgspec.Struct):
     per_position: list[float]  # conditional acceptance a_j, j = 0..k-1
@@ -87,8 +89,12 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: the torn line is dropped on resume (_step)
+            raise SpecError(f"{self.path}: writing failed ({e.strerror}); the checkpoints written so far are "
+                            "intact: free space and run again with --resume") from None  # fmt: skip
         if self._tb is not None:
             prefix = record.get("split", "train")
             for key, value in record.items():
@@ -119,6 +125,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     )
 
 
+def _save(fig, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise SpecError(f"{path}: the chart cannot be written ({e.strerror}); training is complete and "
+                        "its checkpoints are intact") from None  # fmt: skip
+
+
 def plot(run_dir: Path) -> list[Path]:
     """RUN/loss.png (train and validation loss) and RUN/acceptance.png (validation acceptance per position
     and acceptance length) from metrics.jsonl."""
@@ -143,7 +157,7 @@ def plot(run_dir: Path) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
+    _save(fig, run_dir / "loss.png")
     plt.close(fig)
     out.append(run_dir / "loss.png")
 
@@ -163,7 +177,7 @@ def plot(run_dir: Path) -> list[Path]:
     a2.set(xlabel="step", ylabel="tokens per verifier step", title="Simulated acceptance length")
     a2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "acceptance.png", dpi=100)
+    _save(fig, run_dir / "acceptance.png")
     plt.close(fig)
     out.append(run_dir / "acceptance.png")
     return out
