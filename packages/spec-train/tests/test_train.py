@@ -193,6 +193,27 @@ def test_two_processes_fsdp2_match_one_process(ds, verifier, tmp_path, run_train
     assert not validate_checkpoint(two / "final").errors
 
 
+@pytest.mark.parametrize(
+    "algorithm, extra, wrap",
+    [
+        ("peagle", ["--ttt-steps", "3"], []),
+        ("dflash", ["--mask-token-id", "5", "--max-anchors", "16"], ["--fsdp"]),
+    ],
+)
+def test_parallel_drafts_train_under_torchrun(ds, verifier, tmp_path, run_train, algorithm, extra, wrap):
+    """P-EAGLE under DDP and DFlash under FSDP2, two ranks against one process with two micro-batches: the
+    same rows per step (tokens), close losses (each rank draws its own COD slots / anchors, so not equal),
+    and a valid checkpoint from rank 0."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ddp_run(run_train, ds, verifier, one, 1, 2, ["--algorithm", algorithm, *extra])
+    _ddp_run(run_train, ds, verifier, two, 2, 1, ["--algorithm", algorithm, *extra, *wrap])
+    a, b = train_lines(one), train_lines(two)
+    assert [x["tokens"] for x in b] == [x["tokens"] for x in a]
+    np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=0.2)
+    assert not validate_checkpoint(two / "final", verifier).errors
+    assert read_config(two / "final")[0].algorithm == algorithm
+
+
 def test_moe_target_trains_a_dense_draft(tiny_dataset, tiny_model, tmp_path, run_train):
     verifier = tiny_model("qwen3_moe")
     ds = tiny_dataset("qwen3_moe", n=8)

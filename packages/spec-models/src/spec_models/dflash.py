@@ -79,12 +79,20 @@ class DFlashLayer(nn.Module):
         v = a.v_proj(ctx).view(B, C, a.kv_heads, a.head_dim)
         return apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
-    def forward(self, x, residual, cos, sin, attention, index):
+    def forward(self, x, residual, cos, sin, ctx, ccos, csin, mask):
+        """x [B, Q, H] block states; ctx [B, C, H] context states at rotary (ccos, csin); mask as in
+        DFlashDraft.forward. The context's K/V are made here, inside this module's call, so that FSDP2
+        (which gathers a layer's weights around its forward) has them gathered."""
+        k_ctx, v_ctx = self.context_kv(ctx, ccos, csin)
+
+        def attention(_, q, k, v):
+            return attend(q, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), mask)
+
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = add_rms_norm(self.input_layernorm, x, residual)
-        x = self.self_attn(x, cos, sin, attention, index)
+        x = self.self_attn(x, cos, sin, attention, 0)
         x, residual = add_rms_norm(self.post_attention_layernorm, x, residual)
         return self.mlp(x), residual
 
@@ -138,14 +146,9 @@ class DFlashDraft(nn.Module):
         """
         cos, sin = rope_cos_sin(self.inv_freq, pos)
         ccos, csin = rope_cos_sin(self.inv_freq, ctx_pos)
-        kv = [layer.context_kv(ctx, ccos, csin) for layer in self.layers]
-
-        def attention(i, q, k, v):
-            return attend(q, torch.cat([kv[i][0], k], 2), torch.cat([kv[i][1], v], 2), mask)
-
         x, residual = self.embed_tokens(ids), None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, attention, i)
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, ctx, ccos, csin, mask)
         return add_rms_norm(self.norm, x, residual)[0]
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
