@@ -104,6 +104,7 @@ def test_offline_estimate_matches_vllm_on_the_quickstart_prompts(quickstart, spe
     online = report["draft"]["mean_acceptance_length"]
     print(f"acceptance length: vLLM {online:.3f}, offline {offline['mean_acceptance_length']:.3f}")
     assert abs(offline["mean_acceptance_length"] - online) <= 0.05 * online, (offline, online)
+    assert 0 < offline["acceptance_length_stderr"] < 0.5, offline  # over 4 prompts of different lengths
 
 
 @pytest.mark.e2e
