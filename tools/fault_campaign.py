@@ -262,6 +262,7 @@ def reference_datagen(c: Campaign, target: Path) -> tuple[Path, Path]:
     rows.insert(11, bad_line(c.rng, "invalid_utf8"))
     data.write_bytes(b"\n".join(rows) + b"\n")
     ref = c.work / "ref-ds"
+    shutil.rmtree(ref, ignore_errors=True)
     log("datagen: the uninterrupted reference run")
     done = run(datagen_cmd(target, data, ref), c.env())
     r = c.row("fuzz", "bad rows in the real datagen run")
@@ -342,6 +343,7 @@ def crash_datagen(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> N
 
 def reference_train(c: Campaign, ds: Path, verifier: Path) -> Path:
     ref = c.work / "ref-run"
+    shutil.rmtree(ref, ignore_errors=True)
     log("train: the uninterrupted reference run")
     done = run(train_cmd(ds, verifier, ref), c.env())
     if done.returncode != 0:

@@ -37,6 +37,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spec_format.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, weights_problem
@@ -140,9 +141,10 @@ def save_checkpoint(
         _write_checkpoint(tmp, draft, weights, optimizer, state, rng, save_dtype)
         os.rename(tmp, final)
         fsync_dir(root)
-    except OSError as e:  # a full disk, above all: what was committed before stays
+    except (OSError, SafetensorError) as e:  # a full disk, above all: what was committed before stays
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SpecError(f"{root}: writing the checkpoint of step {state.step} failed ({e.strerror or e}); "
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rsplit(": ", 1)[-1]
+        raise SpecError(f"{root}: writing the checkpoint of step {state.step} failed ({why}); "
                         "the checkpoints before it are intact: free space and run again with --resume") from None  # fmt: skip
     return final
 
