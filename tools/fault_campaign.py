@@ -365,11 +365,11 @@ def crash_train(c: Campaign, ds: Path, verifier: Path, ref: Path, n: int) -> Non
         proc = subprocess.Popen(train_cmd(ds, verifier, out), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
         if mode.startswith("outside"):
-            after = c.rng.randint(0, 5)
+            after = c.rng.randint(0, 4)  # steps logged, then a moment within the next step or so
             deadline = time.monotonic() + 600
             while proc.poll() is None and time.monotonic() < deadline and len(logged_steps(out)) < after:
                 time.sleep(0.01)
-            time.sleep(c.rng.uniform(0, 0.5))
+            time.sleep(c.rng.uniform(0, 0.3))
         else:
             proc.wait(timeout=600)
         killed_rc = proc.poll()
