@@ -711,3 +711,21 @@ def test_a_flipped_byte_anywhere_in_a_manifest_is_found(damaged):
     assert validate_dataset(damaged, deep=True) == []
     path.write_text(json.dumps(m))
     one_line_error(damaged, "checksum field 'manifest_sha256' is missing", deep=False)
+
+
+@pytest.mark.parametrize("where", ["shard", "manifest"])
+def test_kill_while_committing_a_shard_then_resume(tmp_path, where):
+    """SIGKILL at the writer's two commit windows (SPEC_DATAGEN_KILL_AT, spec_format.diagnostics): a shard
+    file complete but not renamed, or renamed but not yet listed. Resume drops it and redoes its rows."""
+    rows = 12
+    write(tmp_path / "ref", range(rows))
+    out = tmp_path / "ds"
+    p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"out": str(out), "rows": rows})],
+                         stdout=subprocess.PIPE, text=True, env={**os.environ, "SPEC_DATAGEN_KILL_AT": f"{where}:2"})  # fmt: skip
+    assert p.wait(timeout=120) == -signal.SIGKILL
+    assert len(Dataset(out).manifest.shards) == 1  # the second shard is on disk, not committed
+    assert_only_whole_rows(out)
+    p = spawn(out=str(out), rows=rows)
+    assert p.wait(timeout=120) == 0
+    assert contents(Dataset(out)) == contents(Dataset(tmp_path / "ref"))
+    assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
