@@ -389,7 +389,7 @@ def crash_train(c: Campaign, ds: Path, verifier: Path, ref: Path, n: int) -> Non
         if same_state(final_state(out), want) and not lost and not dup:
             r.ok += 1
             r.detail = "final weights and AdamW state bit for bit equal" + (
-                "" if killed_rc else " (the run ended before the kill)"
+                " (the run ended before the kill)" if killed_rc == 0 else ""
             )
         else:
             r.detail = f"final state differs (steps lost {lost}, duplicated {dup})"
