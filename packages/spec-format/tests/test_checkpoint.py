@@ -514,3 +514,24 @@ def test_a_flipped_byte_anywhere_in_a_checkpoint_is_found(tmp_path):
         (ckpt / name).write_bytes(good)
     assert write_speculative_tokens(ckpt, 5) == 3
     assert validate_checkpoint(ckpt).ok and read_config(ckpt)[0].speculative_tokens == 5
+
+
+def test_a_deliberate_edit_is_refused_until_resealed(tmp_path):
+    """A hand edit of config.json breaks its seal: `spec validate` says so and names the way out; `spec
+    validate --reseal` records the file as it is now, and it is valid again (unless the edit broke it)."""
+    ckpt = make_checkpoint(tmp_path)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["speculators_config"]["proposal_methods"][0]["speculative_tokens"] = 2
+    (ckpt / "config.json").write_text(json.dumps(raw, indent=2))
+
+    def validate(*extra):
+        return subprocess.run([sys.executable, "-m", "spec_format", "validate", *extra, str(ckpt)],
+                              capture_output=True, text=True)  # fmt: skip
+
+    out = validate()
+    assert out.returncode == 1 and f"run: spec validate --reseal {ckpt}" in out.stderr, out.stderr
+    assert validate("--reseal").returncode == 0
+    assert read_config(ckpt)[0].speculative_tokens == 2 and validate().returncode == 0
+    (ckpt / "config.json").write_text("{broken")
+    out = validate("--reseal")
+    assert out.returncode == 1 and "cannot reseal" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -171,7 +171,7 @@ def read_config(path: str | Path) -> tuple[SpeculatorConfig, list[str]]:
         raise SpecError(f"{file}: not valid JSON{detail}") from None
     if isinstance(raw, dict) and _sealed(raw) and (problem := seal_problem(file.read_bytes(), SEAL)):
         raise SpecError(f"{file}: {problem}: the file is corrupted or was edited; restore it (or re-export "
-                        "the draft)")  # fmt: skip
+                        f"the draft), or, if you edited it on purpose, run: spec validate --reseal {file.parent}")  # fmt: skip
     return parse_config(raw, str(file))
 
 
@@ -222,7 +222,12 @@ def reseal_checkpoint(path: str | Path) -> None:
     """Seal config.json and record model.safetensors' sha256 again, as they are now: for files changed on
     purpose (a hand edit, a test that writes a broken file as a faulty writer would)."""
     file = Path(path) / CONFIG_NAME
-    raw = json.loads(file.read_bytes())
+    try:
+        raw = json.loads(file.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8
+        raise SpecError(f"{file}: cannot reseal: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{file}: cannot reseal: not a JSON object")
     if isinstance(raw.get("spec"), dict) and (Path(path) / WEIGHTS_NAME).is_file():
         raw["spec"]["weights_sha256"] = file_sha256(Path(path) / WEIGHTS_NAME)
     tmp = file.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")

@@ -129,8 +129,18 @@ def _kind(path: Path) -> str:
     help="Also check the fit to this target model directory.",
 )
 @click.option("--deep", is_flag=True, help="Datasets: verify every shard checksum.")
-def validate(path: Path, verifier: Path | None, deep: bool) -> None:
+@click.option(
+    "--reseal",
+    is_flag=True,
+    help="Checkpoints: after a deliberate edit of config.json (or model.safetensors), record their "
+    "checksums as they are now, then validate.",
+)
+def validate(path: Path, verifier: Path | None, deep: bool, reseal: bool) -> None:
     """Validate a speculator checkpoint or a dataset directory (exit 1 with one line per problem)."""
+    if reseal and _kind(path) != "dataset":
+        from spec_format.checkpoint import reseal_checkpoint
+
+        reseal_checkpoint(path)
     if _kind(path) == "dataset":
         from spec_format.dataset import validate_dataset
 
