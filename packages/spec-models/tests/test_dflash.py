@@ -22,18 +22,6 @@ def inputs(B=4, L=9, seed=0):
     return torch.randint(0, VOCAB, (B, L), generator=g), torch.randn(B, L, 2 * HIDDEN, generator=g) * 3
 
 
-def test_batched_proposals_equal_one_request_at_a_time(random_dflash):
-    model = random_dflash(num_layers=2)
-    ids, aux = inputs()
-    lengths = torch.tensor([9, 3, 6, 1])
-    batched = propose_dflash(model, ids, aux, lengths)
-    assert batched.shape == (4, K)
-    for b, n in enumerate(lengths.tolist()):
-        alone = propose_dflash(model, ids[b : b + 1, :n], aux[b : b + 1, :n], torch.tensor([n]))
-        assert torch.equal(alone[0], batched[b])
-    assert len(set(batched.flatten().tolist())) > 4
-
-
 def _forward(model, ids, pos, ctx, ctx_pos, mask):
     with torch.no_grad():
         return model(ids, pos, ctx, ctx_pos, mask)

@@ -3,7 +3,18 @@
 import pytest
 import torch
 
-from spec_models import KVCache, extend, forward_ttt, greedy_step, init_eagle3_from_verifier, propose
+from spec_models import (
+    KVCache,
+    extend,
+    forward_ttt,
+    greedy_step,
+    init_dflash_from_verifier,
+    init_eagle3_from_verifier,
+    init_peagle_from_verifier,
+    propose,
+    propose_dflash,
+    propose_parallel,
+)
 
 VOCAB, HIDDEN = 256, 64
 
@@ -18,16 +29,33 @@ def inputs(B=4, L=9, seed=0):
     return torch.randint(0, VOCAB, (B, L), generator=g), torch.randn(B, L, 3 * HIDDEN, generator=g) * 3
 
 
-def test_batched_propose_equals_one_request_at_a_time(random_model):
-    model = random_model(num_layers=2)
-    ids, aux = inputs()
+# Each drafter: (its init, its init options, its proposer, aux layers it reads); all propose with the same call.
+DRAFTERS = {
+    "eagle3": (init_eagle3_from_verifier, {}, propose, 3),
+    "peagle": (init_peagle_from_verifier, {"mask_token_id": 5}, propose_parallel, 3),
+    "dflash": (init_dflash_from_verifier, {"aux_layer_ids": [1, 2], "speculative_tokens": 4, "mask_token_id": 3},
+               propose_dflash, 2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", sorted(DRAFTERS))
+def test_batched_proposals_equal_one_request_at_a_time(random_draft, algorithm):
+    """Padding a batch changes no request's proposals (vLLM batches requests of any lengths)."""
+    init, options, propose_fn, n_aux = DRAFTERS[algorithm]
+    model = random_draft(init, 0.3, num_layers=2, **options)
+    g = torch.Generator().manual_seed(0)
+    ids, aux = (
+        torch.randint(0, VOCAB, (4, 9), generator=g),
+        torch.randn(4, 9, n_aux * HIDDEN, generator=g) * 3,
+    )
     lengths = torch.tensor([9, 3, 6, 1])
-    batched = propose(model, ids, aux, lengths, 4)
+    batched = propose_fn(model, ids, aux, lengths, 4)
     assert batched.shape == (4, 4) and batched.dtype == torch.long
     for b, n in enumerate(lengths.tolist()):
-        alone = propose(model, ids[b : b + 1, :n], aux[b : b + 1, :n], torch.tensor([n]), 4)
+        alone = propose_fn(model, ids[b : b + 1, :n], aux[b : b + 1, :n], torch.tensor([n]), 4)
         assert torch.equal(alone[0], batched[b])
     assert len(set(batched.flatten().tolist())) > 4  # proposals depend on the context
+    # every proposal is a target id of the draft vocabulary
     assert bool(model.to_target(torch.arange(100)).unsqueeze(0).eq(batched.flatten()[:, None]).any(1).all())
 
 
