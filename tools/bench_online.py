@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,23 +30,20 @@ def measured(cmds: list[list[str]], watch: list[Path]) -> tuple[float, int, int]
     peak_disk = peak_rss = 0
     t0 = time.perf_counter()
     for cmd in cmds:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        done = threading.Event()
-        err: list[str] = []
-        reader = threading.Thread(target=lambda p=proc: (err.append(p.stderr.read()), done.set()))
-        reader.start()
-        root = psutil.Process(proc.pid)
-        while not done.wait(0.2):
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            peak_disk = max(peak_disk, dir_bytes(watch))
-        reader.join()
-        if proc.wait() != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{err[0][-3000:]}")
-        peak_disk = max(peak_disk, dir_bytes(watch))
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+            root = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    tree = [root, *root.children(recursive=True)]
+                    peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree))
+                except psutil.Error:  # a process ended while being read
+                    pass
+                peak_disk = max(peak_disk, dir_bytes(watch))
+                time.sleep(0.2)
+            if proc.returncode != 0:
+                err.seek(0)
+                sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
     return time.perf_counter() - t0, peak_disk, peak_rss
 
 
@@ -76,9 +72,12 @@ def main() -> None:
             [tmp / "ds", tmp / "off"],
         )  # fmt: skip
         online = measured(
-            [[spec, "train", "--online", model, "--data", str(rows), "--out", str(tmp / "on"), *common]], [tmp / "on"]
+            [[spec, "train", "--online", model, "--data", str(rows), "--out", str(tmp / "on"), *common]],
+            [tmp / "on"],
         )
-        print(f"{args.rows} rows of {args.data}, {args.epochs} epoch(s), --batch-tokens {args.batch_tokens}, {model}")
+        print(
+            f"{args.rows} rows of {args.data}, {args.epochs} epoch(s), --batch-tokens {args.batch_tokens}, {model}"
+        )
         print(f"{'':24}{'wall s':>10}{'peak disk MiB':>16}{'peak RSS MiB':>15}")
         for name, (wall, disk, rss) in (("datagen, then train", offline), ("train --online", online)):
             print(f"{name:24}{wall:10.1f}{disk / 2**20:16.1f}{rss / 2**20:15.0f}")
