@@ -11,6 +11,7 @@ sampled every 0.2 s) and peak memory (the RSS summed over the process tree, samp
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,16 @@ import psutil
 
 
 def dir_bytes(paths: list[Path]) -> int:
-    return sum(f.stat().st_size for p in paths if p.exists() for f in p.rglob("*") if f.is_file())
+    """Bytes of the files under `paths` (files renamed or removed while walking are skipped)."""
+    total = 0
+    for root in paths:
+        for d, _, files in os.walk(root):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(d, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total
 
 
 def measured(cmds: list[list[str]], watch: list[Path]) -> tuple[float, int, int]:

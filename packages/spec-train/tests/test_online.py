@@ -40,7 +40,9 @@ def conversations(path: Path) -> Path:
             (f"Give me two facts about {t}.", f"Here are two facts about {t}. First, {t} can be found in many "
              f"places. Second, many people find {t} interesting and enjoy learning about {t}."),
         ):  # fmt: skip
-            rows.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}]})
+            rows.append(
+                {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}]}
+            )
     lines = [json.dumps(r) for r in rows]
     lines.insert(20, json.dumps({"messages": "not a list"}))
     path.write_text("\n".join(lines) + "\n")
@@ -109,7 +111,9 @@ def runs(demo_model, spec_cli, run_train, tmp_path_factory) -> Runs:
 def test_engine_death_stops_training_in_one_line_and_resume_continues(runs):
     assert runs.killed.returncode == 1, runs.killed.stderr[-3000:]
     last = runs.killed.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the capture engine (process ") and "died" in last and "--resume" in last, last
+    assert last.startswith("error: the capture engine (process ") and "died" in last and "--resume" in last, (
+        last
+    )
     assert "resumed from" in runs.resumed_stderr and "(step " in runs.resumed_stderr
     assert (Path(runs.online) / "checkpoints" / "step-000016").is_dir()
 
@@ -122,7 +126,9 @@ def test_online_run_matches_datagen_then_train(runs):
     tr_on = [x["loss"] for x in on if x["split"] == "train"]
     tr_off = [x["loss"] for x in off if x["split"] == "train"]
     assert len(tr_on) == len(tr_off) == 16
-    assert [x["tokens"] for x in on if x["split"] == "train"] == [x["tokens"] for x in off if x["split"] == "train"]
+    assert [x["tokens"] for x in on if x["split"] == "train"] == [
+        x["tokens"] for x in off if x["split"] == "train"
+    ]
     np.testing.assert_allclose(tr_on, tr_off, rtol=0.02)
     # The draft vocabulary from the tokenization pass equals the one from the dataset's token counts.
     d2t = [load_file(Path(r) / "final" / "model.safetensors")["d2t"] for r in (runs.online, runs.offline)]
@@ -131,7 +137,9 @@ def test_online_run_matches_datagen_then_train(runs):
     v_on, v_off = [x for x in on if x["split"] == "val"][-1], [x for x in off if x["split"] == "val"][-1]
     assert v_on["chains"] == v_off["chains"] > 0
     se = math.hypot(acceptance_se(v_on), acceptance_se(v_off))
-    print(f"val acceptance online {v_on['acceptance_length']:.4f} offline {v_off['acceptance_length']:.4f}, se {se:.4f}")
+    print(
+        f"val acceptance online {v_on['acceptance_length']:.4f} offline {v_off['acceptance_length']:.4f}, se {se:.4f}"
+    )
     assert abs(v_on["acceptance_length"] - v_off["acceptance_length"]) <= 2 * se
     # Both paths reported the broken row the same way.
     assert ":21:" in runs.datagen_stderr and ":21:" in runs.killed.stderr
@@ -139,7 +147,9 @@ def test_online_run_matches_datagen_then_train(runs):
 
 @pytest.mark.e2e
 def test_cache_is_a_valid_dataset_an_offline_run_trains_from(runs, spec_cli, demo_model, run_train, tmp_path):
-    proc = subprocess.run([spec_cli, "validate", "--deep", runs.cache], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [spec_cli, "validate", "--deep", runs.cache], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from spec_format.dataset import Dataset
 
@@ -158,7 +168,9 @@ def test_capture_jobs_send_what_the_trainer_reads_and_cache_what_is_missing():
     split = split_samples(30, 0.15, 256, 0)
     stream = Stream(split.train, lengths, 1024, 0)
     vr = Rows(split.val, lengths, 1024)
-    held = list(dict.fromkeys([i for r in range(len(vr)) for i, _ in vr.row(r)] + [i for i, _ in stream.row(0)]))
+    held = list(
+        dict.fromkeys([i for r in range(len(vr)) for i, _ in vr.row(r)] + [i for i, _ in stream.row(0)])
+    )
     e0, end = stream.epoch_start(1), 2 * stream.epoch_start(1) + 3
     rows = lambda a, b: [i for r in range(a, b) for i, _ in stream.row(r)]  # noqa: E731
     W = list(split.val) + rows(0, e0)
@@ -168,3 +180,36 @@ def test_capture_jobs_send_what_the_trainer_reads_and_cache_what_is_missing():
         assert sent == held + rows(first, end if cached is None else max(first, e0)), (first, cached)
         if cached is not None:
             assert [k for k, _, write in jobs if write] == W[cached:], (first, cached)
+
+
+def test_two_ranks_train_and_capture_spec_datagens_shares(demo_model, tmp_path):
+    """Under torchrun with 2 ranks (no engine needed): rank r's rows hold only samples of the input rows
+    that `spec datagen --shard-index r --num-shards 2` captures, every training sample belongs to one
+    rank's stream, and each rank's capture schedule sends the evaluation samples, then its own rows'."""
+    from spec_datagen.pipeline import tokenized_samples
+    from spec_datagen.template import ChatRenderer
+    from spec_train.config import TrainConfig
+    from spec_train.data import step_rows
+    from spec_train.online import OnlineData, sharded_stream
+
+    rows = conversations(tmp_path / "rows.jsonl")
+    data = OnlineData(str(demo_model), [str(rows)], "eagle3", 2048, "truncate", "skip")
+    split = split_samples(len(data), 0.2, 256, 0)
+    cfg = TrainConfig(online=str(demo_model), data=[str(rows)], out="x", batch_tokens=256, grad_accum=2)
+    stream = sharded_stream(data, split.train, cfg, 2)
+    renderer = ChatRenderer.for_model(demo_model)
+    train_sources = {data.samples[k].source_index for k in split.train}
+    for r in range(2):
+        datagen = {s.source_index for s in tokenized_samples([str(rows)], renderer, max_len=2048, shard_index=r,
+                                                             num_shards=2, report=None)}  # fmt: skip
+        own = {data.samples[k].source_index for k in stream.streams[r].samples}
+        assert own == datagen & train_sources
+        steps = stream.rows_for_epochs(1.0) // 4
+        read = [i for s in range(steps) for g in step_rows(s, r, 2, 2) for i, _ in stream.row(g)]
+        assert read == [i for j in range(steps * 2) for i, _ in stream.streams[r].row(j)]
+        assert {data.samples[i].source_index for i in read} <= datagen
+        jobs = capture_jobs(split.val, [3], stream.streams[r], 2, steps * 2, None)
+        assert [k for k, _, _ in jobs] == [3] + read[
+            len([i for j in range(2) for i, _ in stream.streams[r].row(j)]) :
+        ]
+    assert set(stream.streams[0].samples) | set(stream.streams[1].samples) == set(split.train)

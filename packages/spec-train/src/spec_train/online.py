@@ -87,6 +87,54 @@ class OnlineData:
         return np.bincount(ids, minlength=vocab_size)
 
 
+class ShardedStream:
+    """The global rows of an online run under torchrun, where rank r trains on its own capture share (the
+    rows spec datagen --shard-index r --num-shards W would capture), each share its own Stream: global row
+    g (step g // G, rank (g % G) // A, micro-batch g % A; data.step_rows) is row (g // G) * A + g % A of
+    rank r's stream. Epoch bookkeeping (locate, the train-acceptance rows) follows rank 0's stream."""
+
+    def __init__(self, streams: list, accum: int):
+        self.streams, self.accum, self.G = streams, accum, len(streams) * accum
+
+    def local(self, g: int) -> tuple[int, int]:
+        """(rank, row of that rank's stream) of global row g."""
+        s, o = divmod(g, self.G)
+        r, m = divmod(o, self.accum)
+        return r, s * self.accum + m
+
+    def row(self, g: int) -> list[tuple[int, int]]:
+        r, j = self.local(g)
+        return self.streams[r].row(j)
+
+    def locate(self, g: int) -> tuple[int, int]:
+        return self.streams[0].locate(self.local(g)[1])
+
+    def epoch(self, e: int):
+        return self.streams[0].epoch(e)
+
+    def rows_for_epochs(self, epochs: float) -> int:
+        """Global rows of `epochs` epochs of the smallest share (every rank takes as many steps)."""
+        return min(s.rows_for_epochs(epochs) for s in self.streams) // self.accum * self.G
+
+
+def sharded_stream(data: OnlineData, train: np.ndarray, cfg, world: int) -> ShardedStream:
+    """Per-rank streams over each rank's share of the training samples (spec datagen's split by input row)."""
+    from spec_datagen.pipeline import in_shard
+    from spec_train.data import Stream
+
+    streams = []
+    for r in range(world):
+        share = np.array(
+            [k for k in train if in_shard(data.samples[k].source_index, r, world)], dtype=np.int64
+        )
+        if not len(share):
+            raise SpecError(
+                f"--nproc {world}: rank {r}'s share of the rows holds no training sample; use fewer"
+            )
+        streams.append(Stream(share, data.lengths, cfg.batch_tokens, cfg.seed))
+    return ShardedStream(streams, cfg.grad_accum)
+
+
 def capture_jobs(val: np.ndarray, held: list[int], stream, first_row: int, end_row: int, cached: int | None):
     """The capture process's work, in order: [(sample, send, write)].
 
@@ -109,9 +157,12 @@ def capture_jobs(val: np.ndarray, held: list[int], stream, first_row: int, end_r
     return [j for j in jobs if j[1] or j[2]]
 
 
-def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache_kwargs, parent) -> None:
+def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache_kwargs, parent, gpu) -> None:
     """The capture process: (sample index, bf16 bits [T, n_layers, H] uint16) for each job to send, then
-    ("done", None); ("error", message) if anything fails. Stops when the trainer (pid `parent`) is gone."""
+    ("done", None); ("error", message) if anything fails. Stops when the trainer (pid `parent`) is gone.
+    `gpu`: the CUDA device its engine uses (the rank's own), None on a CPU."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     from spec_datagen.capture import capture
     from spec_datagen.pipeline import Capturer
     from spec_format.dataset import DatasetWriter
@@ -153,13 +204,13 @@ def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache
 class Feed:
     """The trainer's end of the capture process: captured samples in job order."""
 
-    def __init__(self, cfg, data: OnlineData, jobs: list[Job], cache_kwargs: dict):
+    def __init__(self, cfg, data: OnlineData, jobs: list[Job], cache_kwargs: dict, gpu: int | None):
         ctx = mp.get_context("spawn")  # a fresh interpreter: vLLM and torch threads do not fork well
         self.queue = ctx.Queue(maxsize=cfg.online_queue)
         self.expected = deque(k for k, send, _ in jobs if send)
         self.done = False
         args = (cfg.online, list(cfg.data), list(data.manifest.layer_ids), cfg.max_len, cfg.long, jobs,
-                self.queue, cfg.cache, cache_kwargs, os.getpid())  # fmt: skip
+                self.queue, cfg.cache, cache_kwargs, os.getpid(), gpu)  # fmt: skip
         self.proc = ctx.Process(target=capture_main, args=args, name="spec-capture")
         self.proc.start()
         atexit.register(
@@ -274,16 +325,20 @@ def cached_samples(cache: str, resume: bool) -> int:
     return len(Dataset(path))
 
 
-def start(cfg, data: OnlineData, stream, val: np.ndarray, val_rows, train_eval_rows, first_row, end_row):
-    """Start the capture process and take the evaluation samples: (StreamView, HeldView, Feed)."""
+def start(cfg, data: OnlineData, stream, val: np.ndarray, val_rows, train_eval_rows, first_step, end_step, d):
+    """Start this rank's capture process and take the evaluation samples (every rank keeps all of them):
+    (StreamView, HeldView, Feed). The process captures the samples of this rank's rows of the steps
+    [first_step, end_step): under torchrun those of its own share's stream (ShardedStream)."""
     held = list(dict.fromkeys(i for row in [*val_rows, *train_eval_rows] for i, _ in row))
     cached = cached_samples(cfg.cache, cfg.resume) if cfg.cache else None
-    jobs = capture_jobs(val, held, stream, first_row, end_row, cached)
+    A = cfg.grad_accum
+    own, G = (stream.streams[d.rank], A) if isinstance(stream, ShardedStream) else (stream, d.world * A)
+    jobs = capture_jobs(val, held, own, first_step * G, end_step * G, cached)
     cache_kwargs = {
         "samples_per_shard": cfg.samples_per_shard,
         "command": f"spec train --online {cfg.online}",
     }
-    feed = Feed(cfg, data, jobs, cache_kwargs)
+    feed = Feed(cfg, data, jobs, cache_kwargs, d.device.index if d.device.type == "cuda" else None)
     try:
         kept = {i: feed.next(i) for i in held}
     except BaseException:

@@ -160,9 +160,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.online:
         from spec_train import online
 
-        if d.world > 1:
+        if d.world > 1 and cfg.cache:
             raise SpecError(
-                "--online trains in one process for now; capture with spec datagen for --nproc > 1"
+                "--cache is written by one process; under torchrun capture with spec datagen instead"
             )
         ds = online.OnlineData(cfg.online, cfg.data, cfg.algorithm, cfg.max_len, cfg.long, cfg.on_error)
     else:
@@ -180,7 +180,10 @@ def train(cfg: TrainConfig) -> Path:
         _say(d, f"{len(ds)} sample(s): too few to hold any out; training without validation "
                 "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
     lengths = ds.lengths
-    stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
+    if cfg.online and d.world > 1:  # each rank trains on the share of the rows its own engine captures
+        stream = online.sharded_stream(ds, split.train, cfg, d.world)
+    else:
+        stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
     G = d.world * cfg.grad_accum
     if cfg.max_steps:
         total = cfg.max_steps
@@ -247,7 +250,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.online:  # the capture process starts (ended at exit, or below); evaluation samples come first
         _say(d, f"starting the capture engine on {cfg.online} in its own process")
         train_src, eval_src, feed = online.start(cfg, ds, stream, split.val, val_rows, train_eval_rows,
-                                                 start * G, total * G)  # fmt: skip
+                                                 start, total, d)  # fmt: skip
         _say(d, f"capture process {feed.proc.pid} is feeding the trainer")
     loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed, dataset=train_src,
                        all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
