@@ -23,6 +23,8 @@ import atexit
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -163,6 +165,7 @@ def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache
     `gpu`: the CUDA device its engine uses (the rank's own), None on a CPU."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # Feed.close: leave through `with`, engine stopped
     from spec_datagen.capture import capture
     from spec_datagen.pipeline import Capturer
     from spec_format.dataset import DatasetWriter
