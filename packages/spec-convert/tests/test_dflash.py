@@ -88,12 +88,18 @@ def _convert(spec_cli, *args):
     return subprocess.run([spec_cli, "convert", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_zlab_dflash_round_trip(tmp_path, fake_verifier, spec_cli):
+def _convert_into_ours(tmp_path, fake_verifier, spec_cli, write):
+    """write(dir, vocab) a source for a fake verifier, `spec convert` it into tmp_path/ours: (vocab, src, result)."""
     v = fake_verifier(tmp_path)
     vocab = json.loads((v / "config.json").read_text())["vocab_size"]
-    src = write_zlab(tmp_path / "zlab", vocab)
+    src = write(tmp_path / "src", vocab)
     res = _convert(spec_cli, src, "--verifier", v, "--out", tmp_path / "ours")
     assert res.returncode == 0, res.stderr
+    return vocab, src, res
+
+
+def test_zlab_dflash_round_trip(tmp_path, fake_verifier, spec_cli):
+    vocab, src, res = _convert_into_ours(tmp_path, fake_verifier, spec_cli, write_zlab)
     assert "z-lab's dflash_config" in res.stdout and "vLLM id = x + 1" in res.stdout
     cfg, tensors = read_checkpoint(tmp_path / "ours")
     assert cfg.algorithm == "dflash" and cfg.aux_hidden_state_layer_ids == [2, 4, 6]  # capture ids
@@ -110,11 +116,7 @@ def test_zlab_dflash_round_trip(tmp_path, fake_verifier, spec_cli):
 
 
 def test_speculators_dflash_converts(tmp_path, fake_verifier, spec_cli):
-    v = fake_verifier(tmp_path)
-    vocab = json.loads((v / "config.json").read_text())["vocab_size"]
-    src = write_speculators_dflash(tmp_path / "spc", vocab)
-    res = _convert(spec_cli, src, "--verifier", v, "--out", tmp_path / "ours")
-    assert res.returncode == 0, res.stderr
+    _, _, res = _convert_into_ours(tmp_path, fake_verifier, spec_cli, write_speculators_dflash)
     cfg, tensors = read_checkpoint(tmp_path / "ours")
     assert (
         cfg.aux_hidden_state_layer_ids == [2, 4, 6] and cfg.speculative_tokens == 3 and cfg.mask_token_id == 3

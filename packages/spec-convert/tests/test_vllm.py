@@ -35,6 +35,15 @@ def convert(spec_cli, *args):
     return res
 
 
+def assert_lossless_on_smollm2(vllm_engine, demo_model, key, draft_dir, k):
+    """The draft in `draft_dir` drafts k tokens per step in vLLM and leaves SmolLM2's greedy output as it is."""
+    prompts = ["The capital of France is", "Write a haiku about the sea.\n", "1, 2, 3, 4,"]
+    plain, _ = greedy(vllm_engine("plain", demo_model), prompts, 32, counters=False)
+    outputs, counters = greedy(vllm_engine(key, draft_dir, disable_log_stats=False), prompts, 32)
+    assert counters.drafts > 0 and counters.draft_tokens == k * counters.drafts, counters
+    assert outputs == plain
+
+
 def greedy(llm, prompts, max_tokens=TOKENS, counters=True):
     """(token ids per prompt, vLLM's spec-decode counters for this call, or None)."""
     from vllm import SamplingParams
@@ -209,12 +218,7 @@ def test_converted_modelopt_draft_on_smollm2_keeps_greedy_output(
     src = source_writers["modelopt"](tmp_path / "src", demo_model, draft_vocab=4096, num_layers=2)
     res = convert(spec_cli, src, "--verifier", demo_model, "--out", tmp_path / "draft", "--k", 2)
     assert "layer ids [2, 15, 27]" in res.stdout  # ModelOpt [1, 14, 26] are decoder-layer outputs
-    prompts = ["The capital of France is", "Write a haiku about the sea.\n", "1, 2, 3, 4,"]
-    plain, _ = greedy(vllm_engine("plain", demo_model), prompts, 32, counters=False)
-    llm = vllm_engine("convert-modelopt-smollm2", tmp_path / "draft", disable_log_stats=False)
-    outputs, counters = greedy(llm, prompts, 32)
-    assert counters.drafts > 0 and counters.draft_tokens == 2 * counters.drafts, counters
-    assert outputs == plain
+    assert_lossless_on_smollm2(vllm_engine, demo_model, "convert-modelopt-smollm2", tmp_path / "draft", k=2)
 
 
 def test_converted_speculators_peagle_on_smollm2_drafts_in_parallel(
@@ -226,9 +230,4 @@ def test_converted_speculators_peagle_on_smollm2_drafts_in_parallel(
         tmp_path / "src", demo_model, draft_vocab=4096, mask_token_id=2
     )
     convert(spec_cli, src, "--verifier", demo_model, "--out", tmp_path / "draft")
-    prompts = ["The capital of France is", "Write a haiku about the sea.\n", "1, 2, 3, 4,"]
-    plain, _ = greedy(vllm_engine("plain", demo_model), prompts, 32, counters=False)
-    llm = vllm_engine("convert-peagle-smollm2", tmp_path / "draft", disable_log_stats=False)
-    outputs, counters = greedy(llm, prompts, 32)
-    assert counters.drafts > 0 and counters.draft_tokens == 4 * counters.drafts, counters
-    assert outputs == plain
+    assert_lossless_on_smollm2(vllm_engine, demo_model, "convert-peagle-smollm2", tmp_path / "draft", k=4)

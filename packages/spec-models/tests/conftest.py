@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from spec_format.tensors import save_tensors
+from spec_format.vocab import build_vocab_mapping
 
 VOCAB, HIDDEN = 256, 64
 
@@ -52,5 +54,34 @@ def verifier(tmp_path):
     def make(**kwargs):
         count[0] += 1
         return write_verifier(tmp_path / f"verifier-{count[0]}", **kwargs)
+
+    return make
+
+
+def _perturb(model, scale: float, seed: int = 0):
+    """Add N(0, scale) to every weight but the (frozen) embeddings: a fresh draft's zeros and ones would
+    hide bugs that real weights show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "embed_tokens.weight":
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def perturb():
+    """perturb(model, scale, seed=0) -> the model, its weights (not embeddings) moved by N(0, scale)."""
+    return _perturb
+
+
+@pytest.fixture
+def random_draft(verifier, perturb):
+    """random_draft(init, scale, *args, seed=0, **kwargs) -> init(a fresh verifier, *args, vocab_mapping=a
+    100-token draft vocabulary, seed=seed, **kwargs), its weights perturbed by N(0, scale), in eval mode."""
+
+    def make(init, scale: float, *args, seed: int = 0, **kwargs):
+        m = build_vocab_mapping(np.random.default_rng(seed).integers(0, 20, VOCAB), 100)
+        return perturb(init(verifier(), *args, vocab_mapping=m, seed=seed, **kwargs), scale, seed).eval()
 
     return make

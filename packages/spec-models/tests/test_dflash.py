@@ -1,27 +1,20 @@
 """The DFlash drafter: non-causal inside the block, causal to the context, batched proposals equal to one
 request at a time, and a forward with no graph break (static shapes, no host sync)."""
 
-import numpy as np
+import pytest
 import torch
 
-from spec_format.vocab import build_vocab_mapping
 from spec_models import init_dflash_from_verifier, propose_dflash
 from spec_models.dflash import block_inputs
 
 VOCAB, HIDDEN, K = 256, 64, 4
 
 
-def random_dflash(verifier, **kwargs):
-    m = build_vocab_mapping(np.random.default_rng(0).integers(0, 20, VOCAB), 100)
-    model = init_dflash_from_verifier(
-        verifier(), [1, 2], vocab_mapping=m, speculative_tokens=K, mask_token_id=3, **kwargs
+@pytest.fixture
+def random_dflash(random_draft):
+    return lambda **kw: random_draft(
+        init_dflash_from_verifier, 0.3, [1, 2], speculative_tokens=K, mask_token_id=3, **kw
     )
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "embed_tokens.weight":
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
 
 
 def inputs(B=4, L=9, seed=0):
@@ -29,8 +22,8 @@ def inputs(B=4, L=9, seed=0):
     return torch.randint(0, VOCAB, (B, L), generator=g), torch.randn(B, L, 2 * HIDDEN, generator=g) * 3
 
 
-def test_batched_proposals_equal_one_request_at_a_time(verifier):
-    model = random_dflash(verifier, num_layers=2)
+def test_batched_proposals_equal_one_request_at_a_time(random_dflash):
+    model = random_dflash(num_layers=2)
     ids, aux = inputs()
     lengths = torch.tensor([9, 3, 6, 1])
     batched = propose_dflash(model, ids, aux, lengths)
@@ -46,8 +39,8 @@ def _forward(model, ids, pos, ctx, ctx_pos, mask):
         return model(ids, pos, ctx, ctx_pos, mask)
 
 
-def test_block_is_non_causal_and_context_is_what_the_mask_shows(verifier):
-    model = random_dflash(verifier)
+def test_block_is_non_causal_and_context_is_what_the_mask_shows(random_dflash):
+    model = random_dflash()
     ids, aux = inputs(B=1, L=8)
     bids, bpos = block_inputs(model, ids[:, 5:6], torch.tensor([[5]]))
     ctx, cpos = model.combine(aux), torch.arange(8)[None]
@@ -63,8 +56,8 @@ def test_block_is_non_causal_and_context_is_what_the_mask_shows(verifier):
     assert torch.equal(_forward(model, bids, bpos, hidden, cpos, mask), out)
 
 
-def test_forward_traces_without_graph_breaks(verifier):
-    model = random_dflash(verifier)
+def test_forward_traces_without_graph_breaks(random_dflash):
+    model = random_dflash()
     ids, aux = inputs(B=2, L=6)
     lengths = torch.tensor([6, 4])
     compiled = torch.compile(propose_dflash, backend="eager", fullgraph=True)

@@ -22,15 +22,6 @@ def mapping(draft_vocab=100, seed=1):
     return build_vocab_mapping(np.random.default_rng(seed).integers(0, 20, VOCAB), draft_vocab)
 
 
-def randomize(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "embed_tokens.weight":
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
 def test_init_reads_embeddings_lm_head_rows_and_norm_from_verifier(verifier):
     vdir = verifier()
     m = mapping()
@@ -127,14 +118,15 @@ def test_vllm_defaults_for_flags_absent_from_config(verifier):
         ("qwen3", 2, 64, {"norm_before_fc": True, "fc_norm": True}),
     ],
 )
-def test_save_validates_and_loads_back(tmp_path, verifier, layer_type, num_layers, draft_vocab, flags):
+def test_save_validates_and_loads_back(
+    tmp_path, verifier, perturb, layer_type, num_layers, draft_vocab, flags
+):
     vdir = verifier()
     m = None if draft_vocab is None else mapping(draft_vocab)
-    model = randomize(
-        init_eagle3_from_verifier(
-            vdir, vocab_mapping=m, num_layers=num_layers, layer_type=layer_type, **flags
-        )
+    model = init_eagle3_from_verifier(
+        vdir, vocab_mapping=m, num_layers=num_layers, layer_type=layer_type, **flags
     )
+    perturb(model, 0.1)
     out = save(model, tmp_path / "draft")
     report = validate_checkpoint(out, verifier=vdir)
     assert report.ok and not report.warnings, report

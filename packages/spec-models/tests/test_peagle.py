@@ -1,29 +1,22 @@
 """P-EAGLE: the one-forward training pass equals vLLM-style KV-cache drafting at every slot and depth,
 for packed rows and for any nested subset of anchors (COD sampling); checkpoints keep mask_hidden."""
 
-import numpy as np
+import pytest
 import torch
 
 from spec_format.validate import validate_checkpoint
-from spec_format.vocab import build_vocab_mapping
 from spec_models import forward_parallel, init_peagle_from_verifier, load, propose_parallel, save
 
 VOCAB, HIDDEN = 256, 64
 
 
-def random_peagle(verifier, **kwargs):
-    m = build_vocab_mapping(np.random.default_rng(0).integers(0, 20, VOCAB), 100)
-    model = init_peagle_from_verifier(verifier(), mask_token_id=5, vocab_mapping=m, **kwargs)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "embed_tokens.weight":
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+@pytest.fixture
+def random_peagle(random_draft):
+    return lambda **kw: random_draft(init_peagle_from_verifier, 0.2, mask_token_id=5, **kw)
 
 
-def test_parallel_forward_is_kv_cache_drafting_for_every_slot(verifier):
-    model = random_peagle(verifier, num_layers=2, layer_type="qwen3")
+def test_parallel_forward_is_kv_cache_drafting_for_every_slot(random_peagle):
+    model = random_peagle(num_layers=2, layer_type="qwen3")
     k, T = 4, 14
     g = torch.Generator().manual_seed(1)
     ids, aux = torch.randint(0, VOCAB, (T,), generator=g), torch.randn(T, 3 * HIDDEN, generator=g) * 3
@@ -50,8 +43,8 @@ def test_parallel_forward_is_kv_cache_drafting_for_every_slot(verifier):
     assert len(set(tokens.flatten().tolist())) > 4  # proposals depend on the context
 
 
-def test_checkpoint_roundtrip_keeps_mask_hidden(verifier, tmp_path):
-    model = random_peagle(verifier)
+def test_checkpoint_roundtrip_keeps_mask_hidden(verifier, tmp_path, random_peagle):
+    model = random_peagle()
     out = save(model, tmp_path / "draft")
     assert validate_checkpoint(out).ok
     back = load(out, verifier=model.config.verifier_name)

@@ -88,6 +88,18 @@ def tiny_dataset(tiny_model, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def ds(tiny_dataset) -> Path:
+    """24 samples captured from the tiny Llama: the trainer tests' dataset."""
+    return tiny_dataset("llama", n=24)
+
+
+@pytest.fixture(scope="session")
+def verifier(tiny_model) -> Path:
+    """The tiny Llama those samples were captured from."""
+    return tiny_model("llama")
+
+
 def _run_train(args: list[str], env: dict | None = None, timeout: int = 600, check: bool = True):
     """`python -m spec_train ARGS` in a subprocess (as torchrun would start it)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

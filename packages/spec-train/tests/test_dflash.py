@@ -8,7 +8,6 @@ import json
 import signal
 
 import numpy as np
-import pytest
 import torch
 from safetensors.numpy import load_file
 
@@ -17,16 +16,6 @@ from spec_format.validate import validate_checkpoint
 
 FAST = ["--draft-vocab-size", "256", "--batch-tokens", "160", "--no-progress", "--mask-token-id", "5",
         "--algorithm", "dflash", "--ttt-steps", "3", "--max-anchors", "16"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def ds(tiny_dataset):
-    return tiny_dataset("llama", n=24)
-
-
-@pytest.fixture(scope="module")
-def verifier(tiny_model):
-    return tiny_model("llama")
 
 
 def test_train_resume_and_layers(ds, verifier, tmp_path, run_train):

@@ -124,6 +124,9 @@ def test_offline_eval_replays_verification_rounds(tiny_model, monkeypatch, right
     assert run.mean_acceptance_length == length
     assert run.counters.acceptance_per_position == per_position
     assert run.generated_tokens == 13 + 25
+    # per prompt: 12 and 24 tokens after the prefill's, rounds of right + 1; they add up to the total
+    assert [c.drafts for c in run.per_prompt] == [12 // (right + 1), 24 // (right + 1)]
+    assert [c.accepted for c in run.per_prompt] == [12 // (right + 1) * right, 24 // (right + 1) * right]
 
 
 @pytest.mark.parametrize("k", [1, 4])

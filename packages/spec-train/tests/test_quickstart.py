@@ -89,6 +89,25 @@ def test_quickstart_runs_every_stage_and_reports(quickstart, demo_model, series)
 
 
 @pytest.mark.e2e
+def test_offline_estimate_matches_vllm_on_the_quickstart_prompts(quickstart, spec_cli):
+    """`spec eval --offline` (the target in transformers, no vLLM) replays the same prompts' verification
+    rounds: its acceptance length is within 5% of vLLM's counters in the quick start's eval."""
+    out, _, _ = quickstart
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    proc = subprocess.run(
+        [spec_cli, "eval", str(out / "draft"), "--data", "chat", "--data", "humaneval", "--num-prompts",
+         str(TINY["eval_prompts"]), "--max-tokens", str(TINY["eval_tokens"]), "--offline", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads(proc.stdout)["draft"]
+    online = report["draft"]["mean_acceptance_length"]
+    print(f"acceptance length: vLLM {online:.3f}, offline {offline['mean_acceptance_length']:.3f}")
+    assert abs(offline["mean_acceptance_length"] - online) <= 0.05 * online, (offline, online)
+    assert 0 < offline["acceptance_length_stderr"] < 0.5, offline  # over 4 prompts of different lengths
+
+
+@pytest.mark.e2e
 def test_quickstart_again_reuses_every_stage(quickstart):
     out, argv, first = quickstart
     log = Path(os.environ["SPEC_ENGINE_LOG"])

@@ -133,6 +133,50 @@ def layer_dims(cfg: SpeculatorConfig, source: str = "config.json") -> LayerDims:
     )
 
 
+def decoder_layer_tensors(d: LayerDims, p: str, width: int, o_bias: bool, qk_norm: bool) -> dict[str, Shape]:
+    """One draft decoder layer's tensors under prefix `p`; q/k/v read `width` features (EAGLE-3's first
+    layer reads [embedding; hidden] = 2H)."""
+    H, hd, q, kv = d.hidden_size, d.head_dim, d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    t: dict[str, Shape] = {
+        p + "input_layernorm.weight": (H,),
+        p + "post_attention_layernorm.weight": (H,),
+        p + "self_attn.q_proj.weight": (q, width),
+        p + "self_attn.k_proj.weight": (kv, width),
+        p + "self_attn.v_proj.weight": (kv, width),
+        p + "self_attn.o_proj.weight": (H, q),
+        p + "mlp.gate_proj.weight": (d.intermediate_size, H),
+        p + "mlp.up_proj.weight": (d.intermediate_size, H),
+        p + "mlp.down_proj.weight": (H, d.intermediate_size),
+    }
+    if d.attention_bias:
+        t |= {
+            p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.bias": (kv,),
+        }
+        if o_bias:
+            t[p + "self_attn.o_proj.bias"] = (H,)
+    if qk_norm:
+        t |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+    return t
+
+
+def vocab_tensors(req: dict, opt: dict, draft_vocab: int, vocab: int, own_embed: bool) -> dict[str, str]:
+    """The vocabulary tensors every algorithm shares; edits `req`/`opt`, returns the forbidden ones. vLLM
+    needs d2t exactly when the draft vocabulary is smaller and has no place for it otherwise; it never
+    reads t2d, but converters do. `own_embed`: the target's embeddings have another width than the draft's,
+    so vLLM cannot share them and the draft must carry its own."""
+    opt["t2d"] = (vocab,)
+    if own_embed:
+        req["embed_tokens.weight"] = opt.pop("embed_tokens.weight")
+    if draft_vocab != vocab:
+        req["d2t"] = (draft_vocab,)
+        return {}
+    return {
+        "d2t": "the draft vocabulary is the full vocabulary, and vLLM's loader then has no d2t parameter; remove it"
+    }
+
+
 EAGLE3_LAYER_TYPES = ("llama", "qwen3")  # the draft decoders vLLM's EAGLE-3 serves
 
 
@@ -149,7 +193,7 @@ def eagle3_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
         raise SpecError(
             f"{source}: field 'transformer_layer_config.model_type' is '{d.model_type}'; vLLM's EAGLE-3 serves {', '.join(EAGLE3_LAYER_TYPES)}"
         )
-    H, hd = d.hidden_size, d.head_dim
+    H = d.hidden_size
     target_h = cfg.target_hidden_size or H
     n_aux = len(cfg.eagle_aux_hidden_state_layer_ids or []) or 3
     draft_vocab = cfg.draft_vocab_size or d.vocab_size
@@ -161,38 +205,11 @@ def eagle3_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
     opt: dict[str, Shape] = {"embed_tokens.weight": (d.vocab_size, H)}
     for i in range(d.num_layers):
         p = f"layers.{i}."
-        width = 2 * H if i == 0 else H
         (req if i == 0 else opt)[p + "hidden_norm.weight"] = (H,)
-        req[p + "input_layernorm.weight"] = (H,)
-        req[p + "post_attention_layernorm.weight"] = (H,)
-        req[p + "self_attn.q_proj.weight"] = (d.num_heads * hd, width)
-        req[p + "self_attn.k_proj.weight"] = (d.num_kv_heads * hd, width)
-        req[p + "self_attn.v_proj.weight"] = (d.num_kv_heads * hd, width)
-        req[p + "self_attn.o_proj.weight"] = (H, d.num_heads * hd)
-        if d.attention_bias:
-            req[p + "self_attn.q_proj.bias"] = (d.num_heads * hd,)
-            req[p + "self_attn.k_proj.bias"] = (d.num_kv_heads * hd,)
-            req[p + "self_attn.v_proj.bias"] = (d.num_kv_heads * hd,)
-            if d.model_type == "llama":  # vLLM's Llama attention gives o_proj the same bias flag
-                req[p + "self_attn.o_proj.bias"] = (H,)
-        if d.model_type == "qwen3":
-            req[p + "self_attn.q_norm.weight"] = (hd,)
-            req[p + "self_attn.k_norm.weight"] = (hd,)
-        req[p + "mlp.gate_proj.weight"] = (d.intermediate_size, H)
-        req[p + "mlp.up_proj.weight"] = (d.intermediate_size, H)
-        req[p + "mlp.down_proj.weight"] = (H, d.intermediate_size)
-    # vLLM needs d2t exactly when the draft vocabulary is smaller, and has no place for it otherwise; it
-    # never reads t2d, but converters do.
-    forbidden = {}
-    if draft_vocab != d.vocab_size:
-        req["d2t"] = (draft_vocab,)
-    else:
-        forbidden["d2t"] = (
-            "the draft vocabulary is the full vocabulary, and vLLM's loader then has no d2t parameter; remove it"
-        )
-    opt["t2d"] = (d.vocab_size,)
-    if target_h != H:  # vLLM would share the target's embeddings, which are target_h wide
-        req["embed_tokens.weight"] = opt.pop("embed_tokens.weight")
+        # vLLM's Llama attention gives o_proj the same bias flag as q/k/v; its Qwen3 attention does not.
+        req |= decoder_layer_tensors(d, p, 2 * H if i == 0 else H, o_bias=d.model_type == "llama",
+                                     qk_norm=d.model_type == "qwen3")  # fmt: skip
+    forbidden = vocab_tensors(req, opt, draft_vocab, d.vocab_size, target_h != H)
     if cfg.norm_before_fc:
         req["input_norm.weight"] = (n_aux * target_h,)
     if cfg.fc_norm:

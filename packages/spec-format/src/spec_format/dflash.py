@@ -28,11 +28,13 @@ from spec_format.algorithms import (
     DEFAULT_LAYERS,
     Layout,
     Shape,
+    decoder_layer_tensors,
     draft_layer_config,
     layer_dims,
     register_layout,
     register_serving,
     speculator_config,
+    vocab_tensors,
 )
 from spec_format.checkpoint import (
     SpeculatorConfig,
@@ -91,7 +93,7 @@ def check_dflash_config(cfg: SpeculatorConfig, source: str = "config.json") -> N
 def dflash_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
     check_dflash_config(cfg, source)
     d = layer_dims(cfg, source)
-    H, hd = d.hidden_size, d.head_dim
+    H = d.hidden_size
     target_h = cfg.target_hidden_size or H
     draft_vocab = cfg.draft_vocab_size or d.vocab_size
     req: dict[str, Shape] = {
@@ -101,33 +103,11 @@ def dflash_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
     }
     opt: dict[str, Shape] = {"embed_tokens.weight": (d.vocab_size, H), "lm_head.weight": (draft_vocab, H)}
     for i in range(d.num_layers):
-        p = f"layers.{i}."
-        req[p + "input_layernorm.weight"] = (H,)
-        req[p + "post_attention_layernorm.weight"] = (H,)
-        req[p + "self_attn.q_proj.weight"] = (d.num_heads * hd, H)
-        req[p + "self_attn.k_proj.weight"] = (d.num_kv_heads * hd, H)
-        req[p + "self_attn.v_proj.weight"] = (d.num_kv_heads * hd, H)
-        req[p + "self_attn.o_proj.weight"] = (H, d.num_heads * hd)
-        if d.attention_bias:  # vLLM's DFlash attention gives o_proj the same bias flag
-            for name, n in (("q", d.num_heads), ("k", d.num_kv_heads), ("v", d.num_kv_heads)):
-                req[p + f"self_attn.{name}_proj.bias"] = (n * hd,)
-            req[p + "self_attn.o_proj.bias"] = (H,)
-        req[p + "self_attn.q_norm.weight"] = (hd,)
-        req[p + "self_attn.k_norm.weight"] = (hd,)
-        req[p + "mlp.gate_proj.weight"] = (d.intermediate_size, H)
-        req[p + "mlp.up_proj.weight"] = (d.intermediate_size, H)
-        req[p + "mlp.down_proj.weight"] = (H, d.intermediate_size)
-    forbidden = {}
+        # vLLM's DFlash attention gives o_proj the same bias flag as q/k/v
+        req |= decoder_layer_tensors(d, f"layers.{i}.", H, o_bias=True, qk_norm=True)
     if draft_vocab != d.vocab_size:
-        req["d2t"] = (draft_vocab,)
         req["lm_head.weight"] = opt.pop("lm_head.weight")  # the target's head has the full vocabulary
-    else:
-        forbidden["d2t"] = (
-            "the draft vocabulary is the full vocabulary, and vLLM then has no d2t parameter; remove it"
-        )
-    opt["t2d"] = (d.vocab_size,)
-    if target_h != H:
-        req["embed_tokens.weight"] = opt.pop("embed_tokens.weight")
+    forbidden = vocab_tensors(req, opt, draft_vocab, d.vocab_size, target_h != H)
     forbidden["mask_hidden"] = (
         "DFlash embeds masked slots with mask_token_id (vLLM's loader asserts on mask_hidden)"
     )

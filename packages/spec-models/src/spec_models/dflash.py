@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import msgspec
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,24 +27,13 @@ from spec_format.dflash import build_dflash_config
 from spec_format.errors import SpecError
 from spec_format.fingerprint import fingerprint_model_dir, read_model_config
 from spec_format.vocab import VocabMapping
-from spec_models.layers import MLP, SelfAttention
+from spec_models.layers import MLP, DraftDims, SelfAttention, draft_dims
 from spec_models.ops import RMSNorm, add_rms_norm, apply_rope, attend, rope_cos_sin, rope_inv_freq
 from spec_models.registry import register_draft
-from spec_models.verifier import EMBED_NAMES, LM_HEAD_NAMES, NORM_NAMES, layer_names, read_verifier_tensors
+from spec_models.verifier import layer_names, read_verifier_tensors, start_from_verifier
 
 
-class DFlashSpec(msgspec.Struct, frozen=True):
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    num_layers: int
-    eps: float
-    vocab: int
-    draft_vocab: int
-    target_hidden: int
-    num_aux: int
+class DFlashSpec(DraftDims, frozen=True):
     k: int  # masked slots per block (block = anchor + k)
     mask_token_id: int
 
@@ -67,12 +54,10 @@ def dflash_spec(cfg: SpeculatorConfig, source: str = "config.json") -> DFlashSpe
             f"{source}: field 'transformer_layer_config.layer_types': only full attention is supported"
         )
     return DFlashSpec(
-        hidden=d.hidden_size, heads=d.num_heads, kv_heads=d.num_kv_heads, head_dim=d.head_dim,
-        intermediate=d.intermediate_size, num_layers=d.num_layers, eps=float(lc.get("rms_norm_eps", 1e-6)),
-        vocab=d.vocab_size, draft_vocab=cfg.draft_vocab_size or d.vocab_size,
-        target_hidden=cfg.target_hidden_size or d.hidden_size, num_aux=len(cfg.aux_hidden_state_layer_ids),
-        k=cfg.speculative_tokens, mask_token_id=int(cfg.mask_token_id),
-    )  # fmt: skip
+        **draft_dims(cfg, d, len(cfg.aux_hidden_state_layer_ids)),
+        k=cfg.speculative_tokens,
+        mask_token_id=int(cfg.mask_token_id),
+    )
 
 
 class DFlashLayer(nn.Module):
@@ -94,12 +79,20 @@ class DFlashLayer(nn.Module):
         v = a.v_proj(ctx).view(B, C, a.kv_heads, a.head_dim)
         return apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
-    def forward(self, x, residual, cos, sin, attention, index):
+    def forward(self, x, residual, cos, sin, ctx, ccos, csin, mask):
+        """x [B, Q, H] block states; ctx [B, C, H] context states at rotary (ccos, csin); mask as in
+        DFlashDraft.forward. The context's K/V are made here, inside this module's call, so that FSDP2
+        (which gathers a layer's weights around its forward) has them gathered."""
+        k_ctx, v_ctx = self.context_kv(ctx, ccos, csin)
+
+        def attention(_, q, k, v):
+            return attend(q, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), mask)
+
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = add_rms_norm(self.input_layernorm, x, residual)
-        x = self.self_attn(x, cos, sin, attention, index)
+        x = self.self_attn(x, cos, sin, attention, 0)
         x, residual = add_rms_norm(self.post_attention_layernorm, x, residual)
         return self.mlp(x), residual
 
@@ -153,14 +146,9 @@ class DFlashDraft(nn.Module):
         """
         cos, sin = rope_cos_sin(self.inv_freq, pos)
         ccos, csin = rope_cos_sin(self.inv_freq, ctx_pos)
-        kv = [layer.context_kv(ctx, ccos, csin) for layer in self.layers]
-
-        def attention(i, q, k, v):
-            return attend(q, torch.cat([kv[i][0], k], 2), torch.cat([kv[i][1], v], 2), mask)
-
         x, residual = self.embed_tokens(ids), None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, attention, i)
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, ctx, ccos, csin, mask)
         return add_rms_norm(self.norm, x, residual)[0]
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
@@ -268,32 +256,14 @@ def init_dflash_from_verifier(
         vcfg, info, aux_layer_ids, draft_vocab, mask_token_id, speculative_tokens, num_layers, provenance,
         **layer_overrides,
     )  # fmt: skip
-    found = read_verifier_tensors(
-        verifier_dir, {"embed": EMBED_NAMES, "lm_head": LM_HEAD_NAMES, "norm": NORM_NAMES}
-    )
-    if "embed" not in found:
-        raise SpecError(f"{verifier_dir}: no embedding tensor found (looked for {', '.join(EMBED_NAMES)})")
-    lm_head = found.get("lm_head", found["embed"])
-    rows = np.arange(draft_vocab) if vocab_mapping is None else vocab_mapping.target_ids
     model = DFlashDraft(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name != "embed_tokens.weight":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        model.embed_tokens.weight.copy_(torch.tensor(found["embed"]))
-        model.lm_head.weight.copy_(torch.tensor(lm_head[rows]))
-        if "norm" in found:
-            model.norm.weight.copy_(torch.tensor(found["norm"]))
-        if vocab_mapping is not None:
-            model.d2t.copy_(torch.from_numpy(vocab_mapping.d2t))
-        if layers_from_verifier:
-            first = info.num_hidden_layers - num_layers
-            for i, layer in enumerate(model.layers):
-                wanted = {n: layer_names(first + i, n) for n, _ in layer.named_parameters()}
-                got = read_verifier_tensors(verifier_dir, wanted)
+    start_from_verifier(model, verifier_dir, vocab_mapping, seed)
+    if layers_from_verifier:
+        first = info.num_hidden_layers - num_layers
+        for i, layer in enumerate(model.layers):
+            wanted = {n: layer_names(first + i, n) for n, _ in layer.named_parameters()}
+            got = read_verifier_tensors(verifier_dir, wanted)
+            with torch.no_grad():
                 for n, p in layer.named_parameters():
                     if n in got and tuple(got[n].shape) == tuple(p.shape):
                         p.copy_(torch.tensor(got[n]))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import msgspec
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,27 +25,16 @@ from spec_format.checkpoint import SpeculatorConfig
 from spec_format.errors import SpecError
 from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir, read_model_config
 from spec_format.vocab import VocabMapping
-from spec_models.layers import AttentionFn, DecoderLayer
+from spec_models.layers import AttentionFn, DecoderLayer, DraftDims, draft_dims
 from spec_models.ops import RMSNorm, add_rms_norm, rope_cos_sin, rope_inv_freq
 from spec_models.registry import register_draft
-from spec_models.verifier import EMBED_NAMES, LM_HEAD_NAMES, NORM_NAMES, layer_names, read_verifier_tensors
+from spec_models.verifier import layer_names, read_verifier_tensors, start_from_verifier
 
 
-class Eagle3Spec(msgspec.Struct, frozen=True):
+class Eagle3Spec(DraftDims, frozen=True):
     """The numbers an EAGLE-3 module is built from, resolved from config.json with vLLM's defaults."""
 
     layer_type: str  # "llama" | "qwen3"
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    num_layers: int
-    eps: float
-    vocab: int  # target vocabulary (embeddings, d2t's range)
-    draft_vocab: int  # lm_head rows
-    target_hidden: int
-    num_aux: int
     attention_bias: bool
     norm_before_residual: bool
     norm_before_fc: bool
@@ -70,17 +57,15 @@ def eagle3_spec(cfg: SpeculatorConfig, source: str = "config.json") -> Eagle3Spe
             f"{source}: field 'transformer_layer_config.attention_bias' is only supported for qwen3 layers"
         )
     return Eagle3Spec(
-        layer_type=d.model_type, hidden=d.hidden_size, heads=d.num_heads, kv_heads=d.num_kv_heads,
-        head_dim=d.head_dim, intermediate=d.intermediate_size, num_layers=d.num_layers,
-        eps=float(lc.get("rms_norm_eps", 1e-6)), vocab=d.vocab_size,
-        draft_vocab=cfg.draft_vocab_size or d.vocab_size,
-        target_hidden=cfg.target_hidden_size or d.hidden_size,
-        num_aux=len(cfg.eagle_aux_hidden_state_layer_ids or []) or 3,
+        **draft_dims(cfg, d, len(cfg.eagle_aux_hidden_state_layer_ids or []) or 3),
+        layer_type=d.model_type,
         attention_bias=d.attention_bias,
         # vLLM's speculators loader (update_eagle3) defaults: norm_before_residual True, the rest False.
         norm_before_residual=True if cfg.norm_before_residual is None else cfg.norm_before_residual,
-        norm_before_fc=bool(cfg.norm_before_fc), fc_norm=bool(cfg.fc_norm), norm_output=bool(cfg.norm_output),
-    )  # fmt: skip
+        norm_before_fc=bool(cfg.norm_before_fc),
+        fc_norm=bool(cfg.fc_norm),
+        norm_output=bool(cfg.norm_output),
+    )
 
 
 @register_draft("eagle3")
@@ -223,31 +208,8 @@ def init_eagle3_from_verifier(
             f"hidden_size override {cfg.transformer_layer_config['hidden_size']} differs from the verifier's {info.hidden_size}: "
             "EAGLE-3 drafts read the verifier's embeddings and lm_head, so they keep its hidden size"
         )
-    found = read_verifier_tensors(
-        verifier_dir, {"embed": EMBED_NAMES, "lm_head": LM_HEAD_NAMES, "norm": NORM_NAMES}
-    )
-    if "embed" not in found:
-        raise SpecError(f"{verifier_dir}: no embedding tensor found (looked for {', '.join(EMBED_NAMES)})")
-    embed = found["embed"]
-    lm_head = found.get("lm_head", embed)  # tied embeddings: the head is the embedding matrix
-    rows = np.arange(draft_vocab) if vocab_mapping is None else vocab_mapping.target_ids
-
     model = Eagle3Draft(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".q_norm." in name or ".k_norm." in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            elif name != "embed_tokens.weight":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        model.embed_tokens.weight.copy_(torch.tensor(embed))
-        model.lm_head.weight.copy_(torch.tensor(lm_head[rows]))
-        if "norm" in found:
-            model.norm.weight.copy_(torch.tensor(found["norm"]))
-        if vocab_mapping is not None:
-            model.d2t.copy_(torch.from_numpy(vocab_mapping.d2t))
+    start_from_verifier(model, verifier_dir, vocab_mapping, seed)
     if layers_from_verifier:
         _layers_from_verifier(model, verifier_dir, info.num_hidden_layers)
     return model

@@ -11,11 +11,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spec_format.algorithms import LayerDims
+from spec_format.checkpoint import SpeculatorConfig
 from spec_models.ops import RMSNorm, add_rms_norm, apply_rope
+
+
+class DraftDims(msgspec.Struct, frozen=True):
+    """The numbers every draft module is built from (each algorithm's spec adds its own fields)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    num_layers: int
+    eps: float
+    vocab: int  # target vocabulary (embeddings, d2t's range)
+    draft_vocab: int  # lm_head rows
+    target_hidden: int
+    num_aux: int
+
+
+def draft_dims(cfg: SpeculatorConfig, d: LayerDims, num_aux: int) -> dict:
+    """DraftDims' fields from a checkpoint config, with vLLM's defaults, as keywords for a spec."""
+    return dict(
+        hidden=d.hidden_size, heads=d.num_heads, kv_heads=d.num_kv_heads, head_dim=d.head_dim,
+        intermediate=d.intermediate_size, num_layers=d.num_layers,
+        eps=float(cfg.transformer_layer_config.get("rms_norm_eps", 1e-6)), vocab=d.vocab_size,
+        draft_vocab=cfg.draft_vocab_size or d.vocab_size, target_hidden=cfg.target_hidden_size or d.hidden_size,
+        num_aux=num_aux,
+    )  # fmt: skip
+
 
 # attention(layer_index, q [B, h, Q, d], k [B, kv_h, Q, d], v [B, kv_h, Q, d]) -> [B, h, Q, d]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from spec_format.errors import SpecError
 from spec_format.tensors import load_tensors, read_header
@@ -56,3 +57,31 @@ def read_verifier_tensors(model_dir: str | Path, wanted: dict[str, tuple[str, ..
             continue
         out[key] = np.asarray(load_tensors(files[name], names=[name])[name], dtype=np.float32)
     return out
+
+
+@torch.no_grad()
+def start_from_verifier(model: torch.nn.Module, verifier_dir: str | Path, vocab_mapping, seed: int) -> None:
+    """Every draft's start: weights N(0, 0.02), norms 1, biases 0; then the verifier's embeddings, its
+    lm_head rows of the draft vocabulary (`vocab_mapping`: a spec_format VocabMapping, None for the whole
+    vocabulary) and its final norm (the lm_head rows were trained to read its output), and d2t."""
+    found = read_verifier_tensors(
+        verifier_dir, {"embed": EMBED_NAMES, "lm_head": LM_HEAD_NAMES, "norm": NORM_NAMES}
+    )
+    if "embed" not in found:
+        raise SpecError(f"{verifier_dir}: no embedding tensor found (looked for {', '.join(EMBED_NAMES)})")
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        elif name != "embed_tokens.weight":
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    lm_head = found.get("lm_head", found["embed"])  # tied embeddings: the head is the embedding matrix
+    rows = np.arange(model.lm_head.weight.shape[0]) if vocab_mapping is None else vocab_mapping.target_ids
+    model.embed_tokens.weight.copy_(torch.tensor(found["embed"]))
+    model.lm_head.weight.copy_(torch.tensor(lm_head[rows]))
+    if "norm" in found:
+        model.norm.weight.copy_(torch.tensor(found["norm"]))
+    if vocab_mapping is not None:
+        model.d2t.copy_(torch.from_numpy(vocab_mapping.d2t))

@@ -131,6 +131,7 @@ def eval_cmd(
     from spec_format.errors import SpecError
     from spec_train.eval_prompts import load_prompts, warmup_prompt_ids
     from spec_train.evaluate import (
+        acceptance_stderr,
         evaluate,
         mismatch_message,
         speculative_configs,
@@ -165,6 +166,7 @@ def eval_cmd(
             "offline": True, "num_prompts": len(ids), "k": ks[0], "max_tokens": max_tokens,
             "generated_tokens": run.generated_tokens,
             "draft": {"mean_acceptance_length": run.mean_acceptance_length,
+                      "acceptance_length_stderr": acceptance_stderr(run.per_prompt),
                       "acceptance_per_position": run.counters.acceptance_per_position,
                       "counters": msgspec.to_builtins(run.counters)},
         }  # fmt: skip

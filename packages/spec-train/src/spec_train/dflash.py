@@ -28,7 +28,7 @@ from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
 from spec_train.config import TrainConfig
 from spec_train.data import layer_indices, supervised_slots
-from spec_train.eagle3 import _say, draft_vocabulary, load_init_draft
+from spec_train.eagle3 import draft_vocabulary, load_init_draft
 from spec_train.metrics import chain_counts
 from spec_train.offline import greedy_targets
 from spec_train.targets import VerifierHead
@@ -51,7 +51,7 @@ def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
             f"{cfg.dataset}: holds aux layers {aux_ids} besides the last; DFlash reads at least two: capture "
             "more (spec datagen --algorithm dflash picks its default --layers)"
         )
-    _say(d, f"DFlash reads the dataset's layers {aux_ids} (capture ids), blocks of {cfg.ttt_steps + 1}")
+    d.say(f"DFlash reads the dataset's layers {aux_ids} (capture ids), blocks of {cfg.ttt_steps + 1}")
     draft = init_dflash_from_verifier(
         cfg.verifier, aux_ids, vocab_mapping=draft_vocabulary(cfg, ds, d), num_layers=cfg.num_layers,
         speculative_tokens=cfg.ttt_steps, mask_token_id=cfg.mask_token_id, name_or_path=cfg.verifier_name,
@@ -147,13 +147,5 @@ def offline_counts(draft, head, sample, k):
 
 
 register_algorithm(
-    "dflash",
-    Algorithm(
-        build_draft=build_draft,
-        forward=forward,
-        slot_counts=slot_counts,
-        accept_counts=accept_counts,
-        offline_counts=offline_counts,
-        propose=propose_dflash,
-    ),
+    "dflash", Algorithm(build_draft, forward, slot_counts, accept_counts, offline_counts, propose_dflash)
 )

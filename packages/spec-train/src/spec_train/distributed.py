@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spec_format.console import say
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -28,6 +30,11 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def say(self, msg: str) -> None:
+        """A line on stderr from the main rank only (every rank runs the same code)."""
+        if self.main:
+            say(msg, "spec train")
 
 
 def setup() -> Dist:

@@ -4,8 +4,6 @@ Registered as the `eagle3` algorithm (spec_train.algorithms)."""
 
 from __future__ import annotations
 
-import sys
-
 import msgspec
 import torch
 
@@ -20,11 +18,6 @@ from spec_train.algorithms import Algorithm, register_algorithm
 from spec_train.config import DEFAULT_DRAFT_VOCAB, TrainConfig
 from spec_train.data import layer_indices, supervised_slots
 from spec_train.offline import incremental_counts, ttt_counts
-
-
-def _say(d: distributed.Dist, msg: str) -> None:
-    if d.main:
-        print(f"[spec train] {msg}", file=sys.stderr, flush=True)
 
 
 def load_init_draft(cfg: TrainConfig, ds: Dataset):
@@ -68,7 +61,7 @@ def draft_vocabulary(cfg: TrainConfig, ds: Dataset, d: distributed.Dist) -> Voca
         return None
     mapping = build_vocab_mapping(ds.token_frequencies(V), size)
     if mapping.num_unseen:
-        _say(d, f"warning: only {size - mapping.num_unseen} distinct supervised tokens in the data; the draft "
+        d.say(f"warning: only {size - mapping.num_unseen} distinct supervised tokens in the data; the draft "
                 f"vocabulary of {size} is filled with {mapping.num_unseen} unseen ids (lowest ids first)")  # fmt: skip
     return mapping
 
@@ -114,13 +107,5 @@ def slot_counts(
 
 
 register_algorithm(
-    "eagle3",
-    Algorithm(
-        build_draft=build_draft,
-        forward=forward,
-        slot_counts=slot_counts,
-        accept_counts=ttt_counts,
-        offline_counts=incremental_counts,
-        propose=propose,
-    ),
+    "eagle3", Algorithm(build_draft, forward, slot_counts, ttt_counts, incremental_counts, propose)
 )

@@ -129,13 +129,5 @@ def offline_counts(
 
 
 register_algorithm(
-    "peagle",
-    Algorithm(
-        build_draft=build_draft,
-        forward=forward,
-        slot_counts=slot_counts,
-        accept_counts=accept_counts,
-        offline_counts=offline_counts,
-        propose=propose_parallel,
-    ),
+    "peagle", Algorithm(build_draft, forward, slot_counts, accept_counts, offline_counts, propose_parallel)
 )

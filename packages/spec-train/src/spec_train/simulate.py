@@ -24,6 +24,7 @@ from spec_datagen.runtime import SpecDecodeCounters
 class SimulatedRun(msgspec.Struct):
     counters: SpecDecodeCounters
     generated_tokens: int
+    per_prompt: list[SpecDecodeCounters] = []  # the same counters for each prompt alone (standard errors)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -72,6 +73,7 @@ def simulate(draft, target, prompts: list[list[int]], continuations: list[list[i
     # Context end n: tokens s[0..n] are known; the target's prefill already emitted s[len(prompt)].
     ends = [len(p) for p in prompts]
     drafts, accepted = 0, [0] * k
+    prompt_drafts, prompt_accepted = [0] * len(seqs), [[0] * k for _ in seqs]
     while True:
         live = [i for i, s in enumerate(seqs) if ends[i] + 1 < len(s)]
         if not live:
@@ -90,13 +92,19 @@ def simulate(draft, target, prompts: list[list[int]], continuations: list[list[i
             n_acc = 0
             while n_acc < len(truth) and proposals[row][n_acc] == truth[n_acc]:
                 accepted[n_acc] += 1
+                prompt_accepted[i][n_acc] += 1
                 n_acc += 1
             drafts += 1
+            prompt_drafts[i] += 1
             ends[i] += n_acc + 1  # the accepted drafts plus the target's own next token
     counters = SpecDecodeCounters(
         drafts=drafts, draft_tokens=drafts * k, accepted=sum(accepted), accepted_per_position=accepted
     )
-    return SimulatedRun(counters=counters, generated_tokens=sum(len(c) for c in continuations))
+    per_prompt = [
+        SpecDecodeCounters(drafts=d, draft_tokens=d * k, accepted=sum(a), accepted_per_position=a)
+        for d, a in zip(prompt_drafts, prompt_accepted)
+    ]
+    return SimulatedRun(counters, sum(len(c) for c in continuations), per_prompt)
 
 
 def simulate_draft(

@@ -24,7 +24,6 @@ import msgspec
 import numpy as np
 import torch
 
-from spec_format.console import say
 from spec_format.dataset import Dataset
 from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
@@ -36,11 +35,6 @@ from spec_train.data import RowLoader, Rows, Stream, row_pad_multiple, split_sam
 from spec_train.loss import Objective
 from spec_train.metrics import MetricsLog, estimate, plot
 from spec_train.targets import VerifierHead
-
-
-def _say(d: distributed.Dist, msg: str) -> None:
-    if d.main:
-        say(msg, "spec train")
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
@@ -94,12 +88,12 @@ def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         for p in state.clean_partial(run):
-            _say(d, f"removed {p.name}, left half-written by an interrupted run")
+            d.say(f"removed {p.name}, left half-written by an interrupted run")
         config_mod.save(cfg, run)
     distributed.barrier()
     found = state.checkpoints(run)
     if cfg.resume and not found:
-        _say(d, f"--resume: no complete checkpoint in {run}; starting from step 0")
+        d.say(f"--resume: no complete checkpoint in {run}; starting from step 0")
     return found[-1] if cfg.resume and found else None
 
 
@@ -177,7 +171,7 @@ def train(cfg: TrainConfig) -> Path:
     draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
     split = split_samples(len(ds), cfg.val_fraction, cfg.max_val_samples, cfg.seed)
     if not len(split.val):
-        _say(d, f"{len(ds)} sample(s): too few to hold any out; training without validation "
+        d.say(f"{len(ds)} sample(s): too few to hold any out; training without validation "
                 "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
     lengths = ds.lengths
     if cfg.online and d.world > 1:  # each rank trains on the share of the rows its own engine captures
@@ -200,7 +194,7 @@ def train(cfg: TrainConfig) -> Path:
     train_eval_rows = [first.row(i) for i in range(min(len(first), max(1, len(val_rows)), cfg.max_eval_rows))]
     pad = row_pad_multiple(d.device, dtype)
     weights = config_mod.step_weights(cfg)
-    _say(d, f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
+    d.say(f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
             f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}, "
             f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} compute")  # fmt: skip
@@ -240,7 +234,7 @@ def train(cfg: TrainConfig) -> Path:
         state.set_rng_state(rng[d.rank])
         start, tokens_done, elapsed0 = st.step, st.tokens, st.elapsed_s
         best = (st.best_step, st.best_acceptance_length)
-        _say(d, f"resumed from {ckpt} (step {start} of {total})")
+        d.say(f"resumed from {ckpt} (step {start} of {total})")
         if d.main:
             state.publish(
                 ckpt, Path(cfg.out) / state.FINAL
@@ -376,11 +370,8 @@ def train(cfg: TrainConfig) -> Path:
         if log is not None:
             log.close()
         plot(Path(cfg.out))
-        _say(
-            d,
-            f"done: {Path(cfg.out) / state.FINAL}"
-            + (f", best {best[1]:.3f} at step {best[0]}" if best[0] else ""),
-        )
+        best_note = f", best {best[1]:.3f} at step {best[0]}" if best[0] else ""
+        d.say(f"done: {Path(cfg.out) / state.FINAL}{best_note}")
     distributed.barrier()
     distributed.teardown()
     return Path(cfg.out) / state.FINAL
