@@ -242,10 +242,10 @@ def train(cfg: TrainConfig) -> Path:
     log = MetricsLog(Path(cfg.out), start if ckpt is not None else None, cfg.tensorboard) if d.main else None
     feed = train_src = eval_src = None
     if cfg.online:  # the capture process starts (ended at exit, or below); evaluation samples come first
-        _say(d, f"starting the capture engine on {cfg.online} in its own process")
+        d.say(f"starting the capture engine on {cfg.online} in its own process")
         train_src, eval_src, feed = online.start(cfg, ds, stream, split.val, val_rows, train_eval_rows,
                                                  start, total, d)  # fmt: skip
-        _say(d, f"capture process {feed.proc.pid} is feeding the trainer")
+        d.say(f"capture process {feed.proc.pid} is feeding the trainer")
     loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed, dataset=train_src,
                        all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
     eval_loader = RowLoader(
