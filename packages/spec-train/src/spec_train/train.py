@@ -155,18 +155,15 @@ def train(cfg: TrainConfig) -> Path:
         from spec_train import online
 
         if d.world > 1 and cfg.cache:
-            raise SpecError(
-                "--cache is written by one process; under torchrun capture with spec datagen instead"
-            )
+            raise SpecError("--cache is written by one process; under torchrun use spec datagen instead")
         ds = online.OnlineData(cfg.online, cfg.data, cfg.algorithm, cfg.max_len, cfg.long, cfg.on_error)
     else:
         ds = Dataset(cfg.dataset)
         if len(ds) == 0:
             raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
+        # The structure of every shard is checked now, not mid-epoch (contents: spec validate --deep).
         for k in range(len(ds.manifest.shards)):
-            ds.shard(
-                k
-            )  # structure of every shard checked now, not mid-epoch (contents: spec validate --deep)
+            ds.shard(k)
     algo = get_algorithm(cfg.algorithm)
     draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
     split = split_samples(len(ds), cfg.val_fraction, cfg.max_val_samples, cfg.seed)
@@ -248,9 +245,8 @@ def train(cfg: TrainConfig) -> Path:
         d.say(f"capture process {feed.proc.pid} is feeding the trainer")
     loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed, dataset=train_src,
                        all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
-    eval_loader = RowLoader(
-        cfg.dataset, aux_idx, last_idx, dataset=eval_src, pad_multiple=pad
-    )  # dataset's mask
+    # Evaluation keeps the dataset's loss mask.
+    eval_loader = RowLoader(cfg.dataset, aux_idx, last_idx, dataset=eval_src, pad_multiple=pad)
 
     def save(step: int, val_len: float | None) -> None:
         nonlocal best
