@@ -257,6 +257,28 @@ def test_add_rejects_bad_samples(tmp_path):
         writer(tmp_path / "a-file")
 
 
+def test_unordered_writer_takes_any_source_order_and_resumes_after_its_samples(tmp_path):
+    """spec train --online --cache writes samples in training order: an unordered writer accepts any
+    source order, commits whole shards, and a resumed one appends after the committed samples."""
+    order = [7, 2, 9, 1, 4, 3]  # one sample per row (no multiple of 5)
+
+    def add(w, i):
+        ((tok, mask, hid),) = row_samples(i)
+        w.add(source_index=i, token_ids=tok, loss_mask=mask, hidden=hid)
+
+    with writer(tmp_path / "ds", samples_per_shard=2, ordered=False) as w:
+        for i in order[:3]:
+            add(w, i)
+    with writer(tmp_path / "ds", samples_per_shard=2, ordered=False, resume=True) as w:
+        assert w.manifest.num_samples == 3
+        for i in order[3:]:
+            add(w, i)
+    ds = Dataset(tmp_path / "ds")
+    ds.verify()
+    assert ds.source_indices.tolist() == order
+    assert [ds[j].token_ids.tolist() for j in range(6)] == [row_samples(i)[0][0].tolist() for i in order]
+
+
 # --- resume, kill -9, locks ---------------------------------------------------------------------
 
 CHILD = (

@@ -65,3 +65,30 @@ def test_json_output_keeps_stdout_for_the_one_object():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == '{"a": 1}\n'
     assert "engine log" in proc.stderr and "python log" in proc.stderr
+
+
+def test_online_flags_resolve_and_wrong_combinations_are_one_line(captured, tmp_path, tiny_model):
+    from spec_format.errors import SpecError
+
+    v, rows = tiny_model("llama"), tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "hi", "completion": "hello"}\n')
+    cfg = captured(
+        "--online", v, "--data", rows, "--data", rows, "--out", tmp_path / "run", "--cache", tmp_path / "c"
+    )
+    assert (cfg.dataset, cfg.verifier, cfg.data, cfg.cache) == (
+        None,
+        str(v),
+        [str(rows)] * 2,
+        str(tmp_path / "c"),
+    )
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for args, msg in (
+        ([ds, "--online", v, "--data", rows], "not both"),
+        (["--online", v], "--online needs --data"),
+        ([ds, "--verifier", v, "--data", rows], "--data needs --online"),
+        ([ds], "--verifier is required"),
+        (["--online", v, "--data", rows, "--num-workers", "2"], "--num-workers"),
+    ):
+        res = CliRunner().invoke(cli.train_command, [str(a) for a in [*args, "--out", tmp_path / "r"]])
+        assert isinstance(res.exception, SpecError) and msg in str(res.exception), (args, res.output)

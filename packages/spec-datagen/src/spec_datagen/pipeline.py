@@ -87,6 +87,12 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def in_shard(index: int, shard_index: int, num_shards: int) -> bool:
+    """Whether input row `index` belongs to job `shard_index` of `num_shards` (spec datagen's split; spec
+    train --online gives each torchrun rank its share the same way)."""
+    return index % num_shards == shard_index
+
+
 def tokenized_samples(
     source: Any,
     renderer: ChatRenderer,
@@ -116,7 +122,7 @@ def tokenized_samples(
     stats = stats if stats is not None else Stats()
     taken = 0
     for index, (where, row) in enumerate(iter_rows(source)):
-        if index % num_shards != shard_index:
+        if not in_shard(index, shard_index, num_shards):
             continue
         if max_rows is not None and taken >= max_rows:
             return

@@ -288,6 +288,8 @@ _CLICK_TYPES = {
     "verifier": click.Path(exists=True, file_okay=False),
     "init_from": click.Path(exists=True, file_okay=False),
     "out": click.Path(file_okay=False),
+    "online": click.Path(exists=True, file_okay=False),
+    "data": click.Path(exists=True, dir_okay=False),
     "algorithm": click.Choice(BUILTIN),
 }
 
@@ -314,6 +316,8 @@ def _train_options(command):
             decls = [f"{name}/--no-{name[2:]}"]
         elif isinstance(t, mi.LiteralType):
             decls, kwargs["type"] = [name], click.Choice(list(t.values))
+        elif isinstance(t, mi.ListType) and isinstance(t.item_type, mi.StrType):  # repeatable
+            decls, kwargs["multiple"], kwargs["type"] = [name], True, _CLICK_TYPES.get(f.name)
         elif isinstance(t, mi.ListType):
             decls, kwargs["callback"] = [name], _floats
         else:
@@ -329,13 +333,14 @@ def _train_options(command):
 
 
 @click.command("train")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False), required=False)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON or TOML file of settings (TrainConfig field names); flags override it.")  # fmt: skip
 @_train_options
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes on this node: re-runs this command under torchrun.")  # fmt: skip
 def train_command(config_file, nproc, **flags) -> None:
-    """Train a draft (EAGLE-3, or --algorithm peagle / dflash) on DATASET (spec datagen's output) against its verifier.
+    """Train a draft (EAGLE-3, or --algorithm peagle / dflash) on DATASET (spec datagen's output) against its verifier,
+    or online: --online TARGET --data CONVERSATIONS captures the hidden states with vLLM while training.
 
     Writes RUN/checkpoints/step-NNNNNN/ (speculator directory + training state), RUN/final/ (the latest
     checkpoint, served by `vllm serve RUN/final` or `spec serve`), RUN/best/ (best simulated acceptance on
@@ -348,6 +353,7 @@ def train_command(config_file, nproc, **flags) -> None:
 
         args = sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]  # `spec train ...` or `python -m`
         sys.exit(relaunch(nproc, _argv_without_nproc(args)))
+    flags["data"] = list(flags["data"]) or None  # a repeatable option gives () when absent
     cfg = config_mod.resolve(flags, config_file)
     from spec_train.train import train
 

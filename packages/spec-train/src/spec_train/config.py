@@ -35,12 +35,19 @@ def Help(text: str) -> msgspec.Meta:
 # fmt: off
 class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # --- what to train on and against
-    dataset: str
-    verifier: Annotated[str, Help("The target model's HF directory the dataset was captured from (its norm, lm_head and embeddings are read).")]
+    dataset: str | None = None  # the DATASET argument; absent with --online
+    verifier: Annotated[str | None, Help("The target model's HF directory the dataset was captured from (its norm, lm_head and embeddings are read); default with --online: that target.")] = None
     out: Annotated[str, Help("Run directory (checkpoints/, final/, best/, metrics).")]
     verifier_name: Annotated[str | None, Help("Target name recorded in the draft, which vLLM loads (e.g. a hub id); default: the --verifier path.")] = None
     algorithm: Annotated[str, Help("The draft to train (spec_train.algorithms): eagle3, peagle or dflash.")] = "eagle3"
     init_from: Annotated[str | None, Help("Fine-tune this draft directory instead of starting from the verifier.")] = None
+    # Online training (spec_train.online): capture with vLLM while training, spec datagen's settings.
+    online: Annotated[str | None, Help("Capture the hidden states from this target (HF directory) with vLLM while training, instead of reading DATASET (spec_train.online).")] = None
+    data: Annotated[list[str] | None, Help("With --online: conversation files in any spec datagen layout (repeatable).")] = None
+    cache: Annotated[str | None, Help("With --online: also write what is captured as a dataset here; later epochs (and later runs) read it.")] = None
+    max_len: Annotated[int, Help("With --online: longest sample in tokens (spec datagen --max-len).")] = 2048
+    long: Annotated[Literal["truncate", "skip"], Help("With --online: samples longer than --max-len (spec datagen --long).")] = "truncate"
+    on_error: Annotated[Literal["skip", "fail"], Help("With --online: rows that cannot be rendered are reported as FILE:LINE and skipped, or stop the run.")] = "skip"
 
     # --- draft model
     num_layers: Annotated[int, Help("Draft decoder layers.")] = 1
@@ -111,7 +118,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_every: int = 1
     max_eval_rows: Annotated[int, Help("Packed rows evaluated per split (also the train-acceptance sample).")] = 64
     save_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    num_workers: Annotated[int, Help("Data-loader processes.")] = 0
+    num_workers: Annotated[int, Help("Data-loader processes (offline only).")] = 0
+    online_queue: Annotated[int, Help("With --online: captured samples held between capture and training.")] = 16
+    samples_per_shard: Annotated[int, Help("With --cache: samples per shard of the cache.")] = 256
     tensorboard: Annotated[bool, Help("Also log to RUN/tensorboard (needs the tensorboard package).")] = False
     progress: bool = True
 # fmt: on
@@ -120,7 +129,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 # Fields that may differ between a run and its resumption (they do not change the weights).
 RUNTIME_FIELDS = frozenset(
     {"out", "resume", "eval_every", "save_every", "keep_last", "log_every", "save_dtype", "num_workers",
-     "tensorboard", "progress", "max_eval_rows"}
+     "tensorboard", "progress", "max_eval_rows", "online_queue", "samples_per_shard"}
 )  # fmt: skip
 
 
@@ -154,13 +163,15 @@ def resolve(flags: dict, config_file: str | Path | None = None) -> TrainConfig:
     except msgspec.ValidationError as e:
         raise SpecError(f"{source}: {e}") from None
     check(cfg)
+    if cfg.online is not None and cfg.verifier is None:
+        cfg = msgspec.structs.replace(cfg, verifier=cfg.online)
     return cfg
 
 
 def check(cfg: TrainConfig) -> None:
     """Values that are wrong whatever the data: one line naming the setting."""
     positive = ("num_layers", "ttt_steps", "max_anchors", "loss_chunk", "batch_tokens", "grad_accum", "keep_last",
-                "log_every", "max_val_samples", "max_eval_rows")  # fmt: skip
+                "log_every", "max_val_samples", "max_eval_rows", "online_queue", "samples_per_shard", "max_len")  # fmt: skip
     for name in positive:
         if getattr(cfg, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -191,6 +202,16 @@ def check(cfg: TrainConfig) -> None:
         raise SpecError(
             f"--cod-ratio must be in (0, 1] and --cod-min in [0, 1], got {cfg.cod_ratio}, {cfg.cod_min}"
         )
+    if (cfg.dataset is None) == (cfg.online is None):
+        raise SpecError("give a DATASET to train on, or --online TARGET --data CONVERSATIONS (not both)")
+    if cfg.online is not None and not cfg.data:
+        raise SpecError("--online needs --data CONVERSATIONS (the rows to capture)")
+    if cfg.online is None and (cfg.data or cfg.cache):
+        raise SpecError(f"--{'data' if cfg.data else 'cache'} needs --online TARGET")
+    if cfg.online is None and cfg.verifier is None:
+        raise SpecError("--verifier is required: the target model's directory the dataset was captured from")
+    if cfg.online is not None and cfg.num_workers:
+        raise SpecError("--num-workers: online training reads the capture process's queue; use 0")
     if cfg.batch_tokens < 4:
         raise SpecError("--batch-tokens must be at least 4 (a row must hold a token and what it predicts)")
 

@@ -62,8 +62,9 @@ def _with_provenance(draft, cfg: TrainConfig, step: int, ds: Dataset):
     from spec_format.checkpoint import SpecMetadata
 
     c = draft.config
-    prov = {"made_by": "spec train", "run": str(Path(cfg.out).resolve()), "step": step,
-            "dataset": str(Path(cfg.dataset).resolve()), "dataset_samples": len(ds)}  # fmt: skip
+    data = {"online": cfg.online, "data": cfg.data} if cfg.online else {"dataset": cfg.dataset}
+    prov = {"made_by": "spec train", "run": str(Path(cfg.out).resolve()), "step": step, **data,
+            "dataset_samples": len(ds)}  # fmt: skip
     return msgspec.structs.replace(c, spec=msgspec.structs.replace(c.spec or SpecMetadata(), provenance=prov))
 
 
@@ -139,23 +140,30 @@ def evaluate(
 def train(cfg: TrainConfig) -> Path:
     # --- setup
     d = distributed.setup()
+    absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
     cfg = msgspec.structs.replace(
-        cfg,
-        world_size=d.world,
-        dataset=str(Path(cfg.dataset).resolve()),
-        verifier=str(Path(cfg.verifier).resolve()),
-    )
+        cfg, world_size=d.world, dataset=absolute(cfg.dataset), verifier=absolute(cfg.verifier),
+        online=absolute(cfg.online), cache=absolute(cfg.cache), data=cfg.data and [absolute(p) for p in cfg.data],
+    )  # fmt: skip
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype) or auto_dtype(d.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # --- data
-    ds = Dataset(cfg.dataset)
-    if len(ds) == 0:
-        raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
-    for k in range(len(ds.manifest.shards)):
-        ds.shard(k)  # structure of every shard checked now, not mid-epoch (contents: spec validate --deep)
+    # --- data: a dataset, or online the rows tokenized (no capture yet: spec_train.online)
+    if cfg.online:
+        from spec_train import online
+
+        if d.world > 1 and cfg.cache:
+            raise SpecError("--cache is written by one process; under torchrun use spec datagen instead")
+        ds = online.OnlineData(cfg.online, cfg.data, cfg.algorithm, cfg.max_len, cfg.long, cfg.on_error)
+    else:
+        ds = Dataset(cfg.dataset)
+        if len(ds) == 0:
+            raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
+        # The structure of every shard is checked now, not mid-epoch (contents: spec validate --deep).
+        for k in range(len(ds.manifest.shards)):
+            ds.shard(k)
     algo = get_algorithm(cfg.algorithm)
     draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
     split = split_samples(len(ds), cfg.val_fraction, cfg.max_val_samples, cfg.seed)
@@ -163,7 +171,10 @@ def train(cfg: TrainConfig) -> Path:
         d.say(f"{len(ds)} sample(s): too few to hold any out; training without validation "
                 "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
     lengths = ds.lengths
-    stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
+    if cfg.online and d.world > 1:  # each rank trains on the share of the rows its own engine captures
+        stream = online.sharded_stream(ds, split.train, cfg, d.world)
+    else:
+        stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
     G = d.world * cfg.grad_accum
     if cfg.max_steps:
         total = cfg.max_steps
@@ -179,9 +190,6 @@ def train(cfg: TrainConfig) -> Path:
     first = stream.epoch(0)
     train_eval_rows = [first.row(i) for i in range(min(len(first), max(1, len(val_rows)), cfg.max_eval_rows))]
     pad = row_pad_multiple(d.device, dtype)
-    loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed,
-                       all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
-    eval_loader = RowLoader(cfg.dataset, aux_idx, last_idx, pad_multiple=pad)  # the dataset's loss mask
     weights = config_mod.step_weights(cfg)
     d.say(f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
@@ -229,6 +237,16 @@ def train(cfg: TrainConfig) -> Path:
                 ckpt, Path(cfg.out) / state.FINAL
             )  # repairs final/ if a kill interrupted its update
     log = MetricsLog(Path(cfg.out), start if ckpt is not None else None, cfg.tensorboard) if d.main else None
+    feed = train_src = eval_src = None
+    if cfg.online:  # the capture process starts (ended at exit, or below); evaluation samples come first
+        d.say(f"starting the capture engine on {cfg.online} in its own process")
+        train_src, eval_src, feed = online.start(cfg, ds, stream, split.val, val_rows, train_eval_rows,
+                                                 start, total, d)  # fmt: skip
+        d.say(f"capture process {feed.proc.pid} is feeding the trainer")
+    loader = RowLoader(cfg.dataset, aux_idx, last_idx, cfg.noise, cfg.seed, dataset=train_src,
+                       all_positions=cfg.loss_mask == "all", pad_multiple=pad)  # fmt: skip
+    # Evaluation keeps the dataset's loss mask.
+    eval_loader = RowLoader(cfg.dataset, aux_idx, last_idx, dataset=eval_src, pad_multiple=pad)
 
     def save(step: int, val_len: float | None) -> None:
         nonlocal best
@@ -296,10 +314,15 @@ def train(cfg: TrainConfig) -> Path:
         loss_value = sum(w * x for w, x in zip(weights, per))
         if not math.isfinite(loss_value):
             rows = [i for gr in step_rows(step, d.rank, d.world, cfg.grad_accum) for i, _ in stream.row(gr)]
-            files = sorted({ds.manifest.shards[ds.locate(i)[0]].file for i in rows})
+            if cfg.online:
+                where = f"captured online from {cfg.online}; the capture may be broken"
+            else:
+                files = sorted({ds.manifest.shards[ds.locate(i)[0]].file for i in rows})
+                where = (f"in {', '.join(files)}; the dataset may be corrupted: run "
+                         f"`spec validate --deep {cfg.dataset}`")  # fmt: skip
             raise SpecError(
-                f"non-finite loss at step {step + 1} (samples {rows[:8]} in {', '.join(files)}); the dataset may "
-                f"be corrupted: run `spec validate --deep {cfg.dataset}`. Checkpoints up to step {step} are intact."
+                f"non-finite loss at step {step + 1} (samples {rows[:8]} {where}). Checkpoints up to "
+                f"step {step} are intact."
             )
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
@@ -336,6 +359,9 @@ def train(cfg: TrainConfig) -> Path:
         if done % save_every == 0 or done == total:
             save(done, val_len)
     bar.close()
+    if feed is not None:
+        feed.wait_done()  # its cache (if any) committed
+        feed.close()
     if d.main:
         if log is not None:
             log.close()

@@ -70,6 +70,7 @@ class DatasetWriter:
         resume: bool = False,
         command: str = "",
         zstd_level: int = 1,
+        ordered: bool = True,
     ):
         if dtype not in DTYPES:
             raise SpecError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
@@ -92,6 +93,9 @@ class DatasetWriter:
         self.path = Path(out_dir)
         self.samples_per_shard, self.shard_bytes, self.zstd_level = samples_per_shard, shard_bytes, zstd_level
         self.shard_index, self.num_shards = shard_index, num_shards
+        # ordered=False: samples in any source order (spec train --online --cache writes them in training
+        # order); resuming then continues after the committed samples, not after next_source_index.
+        self.ordered = ordered
         self._vocab_size = target.vocab_size
         self._prefix = job_file_prefix(shard_index, num_shards)
         self._own_name = MANIFEST if num_shards == 1 else part_name(shard_index, num_shards)
@@ -272,16 +276,17 @@ class DatasetWriter:
         extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Append one sample. Rows must come in non-decreasing source_index order (one row may give
-        several samples); a shard is only cut between rows, so a committed shard never holds half a row."""
+        several samples) unless the writer is unordered; a shard is only cut between rows, so a committed
+        shard never holds half a row."""
         if self._closed:
             raise SpecError(f"{self.path}: the writer is closed")
         source_index = int(source_index)
-        if source_index < self.next_source_index:
+        if self.ordered and source_index < self.next_source_index:
             raise SpecError(
                 f"source_index {source_index} is already stored (next_source_index is "
                 f"{self.next_source_index}); skip rows below writer.next_source_index when resuming"
             )
-        if self._shard_sources and source_index < self._shard_sources[-1]:
+        if self.ordered and self._shard_sources and source_index < self._shard_sources[-1]:
             raise SpecError(
                 f"source_index {source_index} after {self._shard_sources[-1]}: add rows in increasing order"
             )
@@ -320,7 +325,11 @@ class DatasetWriter:
 
         num_supervised = int(mask.sum())
         try:
-            if self._shard is not None and self._shard_full() and source_index != self._shard_sources[-1]:
+            if (
+                self._shard is not None
+                and self._shard_full()
+                and (not self.ordered or source_index != self._shard_sources[-1])
+            ):
                 self._commit_shard()
             if self._shard is None:
                 name = self._shard_name()
