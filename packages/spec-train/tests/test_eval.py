@@ -144,7 +144,9 @@ def test_bad_input_is_one_line_before_any_engine(args, expected, spec_cli, draft
     proc = subprocess.run([spec_cli, "eval", str(draft), "--data", str(prompt_file), *args],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
+    # The target's pairing is checked first (a target vLLM cannot run is the more basic error), and that
+    # imports vLLM, which prints one notice of its own on a CPU without Triton's CPU backend.
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("Triton is installed, but")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert _engine_starts(log) == starts
 

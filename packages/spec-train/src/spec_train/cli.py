@@ -155,9 +155,9 @@ def eval_cmd(
     baseline_k = ks[0] if len(ks) == 1 else own_k  # n-gram's k
     # A k vLLM cannot serve fails here, before any engine starts.
     configs = speculative_configs(draft_dir, ks, baseline_k, ngram=not no_ngram, suffix=suffix)
+    if not offline:  # a target vLLM cannot pair with this draft, first (spec_datagen.targets)
+        check_target(verifier, method=configs[0].spec["method"])
     prompts = load_prompts(list(sources), verifier, limit=num_prompts)
-    if not offline:  # a target vLLM cannot pair with this draft (spec_datagen.targets; imports vLLM: after
-        check_target(verifier, method=configs[0].spec["method"])  # the prompts' one-line errors)
     ids = [p.ids for p in prompts]
     out = _stdout_for_json() if as_json else None
     mismatches: list[str] = []
