@@ -360,15 +360,20 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(committed) > 0 and committed.source_indices.max() < 22
     assert all((out / s.file).is_file() for s in committed.manifest.shards)
     assert_only_whole_rows(out)
-    # 2. kills at random moments while rows stream in
+    # 2. kills at random moments while rows stream in (>= 0.03 s a row, so most land mid-run; one that
+    # arrives just after the writer finished on its own is no failure: that race is real, not a bug)
     rng = np.random.default_rng(0)
+    landed = 0
     for _ in range(3):
-        p = spawn(out=str(out), rows=rows, delay=0.01)
+        p = spawn(out=str(out), rows=rows, delay=0.03)
         wait_for(p, "STARTED")
         time.sleep(rng.uniform(0.0, 0.3))
-        if p.poll() is None:
-            kill9(p)
+        os.kill(p.pid, signal.SIGKILL)
+        rc = p.wait()
+        assert rc in (0, -signal.SIGKILL), rc
+        landed += rc == -signal.SIGKILL
         assert_only_whole_rows(out)
+    assert landed >= 1
     # 3. finish, then compare with the run that was never interrupted
     p = spawn(out=str(out), rows=rows)
     assert p.wait(timeout=120) == 0
