@@ -1,7 +1,9 @@
 """The shipped target: converted once, loads in transformers and in vLLM, same greedy continuation."""
 
 import json
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,16 @@ def test_vllm_and_transformers_agree_on_greedy_continuation(demo_model, vllm_eng
     got = list(out.outputs[0].token_ids)
     # fp32 on both sides: identical greedy tokens (an EOS may end vLLM's list earlier).
     assert got == ref[: len(got)] and len(got) >= 8, (tok.decode(got), tok.decode(ref))
+
+
+@pytest.mark.e2e
+def test_a_fresh_machine_converts_the_gguf(demo_model, spec_cli, tmp_path):
+    """The README's first command on a machine with no cache: the conversion itself runs (and needs every
+    dependency it declares: transformers loads a GGUF only with accelerate installed), byte-identical."""
+    env = {**os.environ, "SPEC_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([spec_cli, "demo-model"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fresh = Path(out.stdout.strip().splitlines()[-1])
+    assert fresh.is_relative_to(tmp_path)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (fresh / name).read_bytes() == (demo_model / name).read_bytes(), name
