@@ -72,7 +72,9 @@ def test_decontamination_and_supervised_token_budgets(tool):
         {"messages": [{"role": "user", "content": "Write a four-line poem about rain on a tin roof!"}]},
         {"messages": [{"role": "user", "content": "How do tides work?"}]},
     ]
-    kept, dropped = tool.decontaminate(rows, ["Write a four-line poem about rain on a tin roof."])
+    from spec_train.eval_prompts import decontaminate
+
+    kept, dropped = decontaminate(rows, ["Write a four-line poem about rain on a tin roof."])
     assert dropped == 1 and kept == rows[1:]
     counts = [(10, 4), (12, 6), (9, 3)]
     assert tool.take_supervised(["x", "y", "z"], counts, 5) == ["x", "y"]

@@ -144,22 +144,6 @@ def first_user(row: dict) -> str:
     return row.get("prompt", "")
 
 
-def decontaminate(
-    rows: list[dict], eval_prompts: list[str], threshold: float = 0.5
-) -> tuple[list[dict], int]:
-    """Rows whose user messages are not near any evaluation prompt (MinHash over character 5-grams)."""
-    from spec_datagen.synth import NearDuplicates
-
-    index = NearDuplicates(threshold)
-    for p in eval_prompts:
-        index.seen(p)
-    kept = [
-        r for r in rows
-        if not any(index.seen(m["content"], add=False) for m in r["messages"] if m["role"] == "user")
-    ]  # fmt: skip
-    return kept, len(rows) - len(kept)
-
-
 def token_counts(renderer, rows: list[dict]) -> list[tuple[int, int]]:
     """(tokens, supervised tokens) of each row as `spec datagen` renders it."""
     from spec_datagen.conversations import normalise
@@ -212,6 +196,7 @@ def prepare(
     from spec_datagen.conversations import normalise, to_row, write_rows
     from spec_datagen.regenerate import Regenerator, write_regenerated
     from spec_datagen.synth import SynthOptions, SynthStats, report_lines, synthesize_with_progress
+    from spec_train.eval_prompts import decontaminate
 
     work.mkdir(parents=True, exist_ok=True)
     eval_rows = read_jsonl(EVAL_PROMPTS)

@@ -284,6 +284,25 @@ def reference_datagen(c: Campaign, target: Path) -> tuple[Path, Path]:
     return data, ref
 
 
+def _kill(c: Campaign, proc: subprocess.Popen, kind: str, mode: str) -> tuple[Row, int | None]:
+    """Kill the run's process group and count the trial: (its row, the exit code the run had already
+    ended with, None where the kill landed while it ran)."""
+    ended = proc.poll()
+    kill_group(proc)
+    r = c.row(kind, mode)
+    r.trials += 1
+    return r, ended
+
+
+def _resumed(c: Campaign, r: Row, resume_cmd: list[str]) -> bool:
+    """Run the --resume command; a failure is recorded in the row (detail, tracebacks)."""
+    done = run(resume_cmd, c.env())
+    if done.returncode != 0:
+        r.detail = f"resume failed: {last_line(done.stderr)[:200]}"
+        r.tracebacks += "Traceback" in done.stderr
+    return done.returncode == 0
+
+
 def crash_datagen(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> None:
     from spec_format.dataset import Dataset
 
@@ -298,7 +317,7 @@ def crash_datagen(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> N
         log(f"crash_datagen {i + 1}/{n}: {mode}" + (f" at shard {k}" if mode != "random moment" else ""))
         proc = subprocess.Popen(datagen_cmd(target, data, out), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
-        if mode == "random moment":  # after 0..shards-2 committed shards, 0-1.5 s more
+        if mode == "random moment":  # after 0..shards-2 committed shards, 0-0.5 s more
             want = c.rng.randint(0, shards - 2)
             deadline = time.monotonic() + 900
             while proc.poll() is None and time.monotonic() < deadline:
@@ -309,20 +328,14 @@ def crash_datagen(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> N
                 except ValueError:
                     pass
                 time.sleep(0.02)
-            time.sleep(c.rng.uniform(0, 1.5))
+            time.sleep(c.rng.uniform(0, 0.5))
         else:
             proc.wait(timeout=900)
-        killed_rc = proc.poll()
-        kill_group(proc)
-        r = c.row("crash_datagen", mode)
-        r.trials += 1
+        r, killed_rc = _kill(c, proc, "crash_datagen", mode)
         if killed_rc == 0:
             r.detail = "the run ended before the kill (not counted as a kill)"
         before = len(Dataset(out)) if (out / "manifest.json").is_file() else 0
-        done = run([*datagen_cmd(target, data, out), "--resume"], c.env())
-        if done.returncode != 0:
-            r.detail = f"resume failed: {last_line(done.stderr)[:200]}"
-            r.tracebacks += "Traceback" in done.stderr
+        if not _resumed(c, r, [*datagen_cmd(target, data, out), "--resume"]):
             continue
         lost, dup, diff = compare_datasets(out, ref)
         r.samples_lost += lost
@@ -374,14 +387,8 @@ def crash_train(c: Campaign, ds: Path, verifier: Path, ref: Path, n: int) -> Non
             time.sleep(c.rng.uniform(0, 0.05))
         else:
             proc.wait(timeout=600)
-        killed_rc = proc.poll()
-        kill_group(proc)
-        r = c.row("crash_train", mode)
-        r.trials += 1
-        done = run([*train_cmd(ds, verifier, out), "--resume"], c.env())
-        if done.returncode != 0:
-            r.detail = f"resume failed: {last_line(done.stderr)[:200]}"
-            r.tracebacks += "Traceback" in done.stderr
+        r, killed_rc = _kill(c, proc, "crash_train", mode)
+        if not _resumed(c, r, [*train_cmd(ds, verifier, out), "--resume"]):
             continue
         lost, dup = steps_lost_duplicated(out, 6)
         r.samples_lost += lost

@@ -1,5 +1,5 @@
 """The chunked loss (gradient computed chunk by chunk in forward) against a plain, unchunked autograd
-reference: same value, same gradients, for KL and CE, any chunk size."""
+reference: same value, same gradients, for KL, CE and the LK-style loss, any chunk size."""
 
 import pytest
 import torch
@@ -18,6 +18,8 @@ def reference(normed, weight, t_normed, t_weight, valid, scale, kind):
         logp = torch.log_softmax(logits, -1)
         if kind == "kl":
             per = (logp.exp() * (logp - logq)).sum(-1)
+        elif kind == "lk":
+            per = -torch.minimum(logp.exp(), logq.exp()).sum(-1).log()
         else:
             per = -logq.gather(1, logits.argmax(-1)[:, None]).squeeze(1)
         total = total + scale[j] * per.sum()
@@ -29,7 +31,7 @@ class Head:
         self.draft_weight = w
 
 
-@pytest.mark.parametrize("kind", ["kl", "ce"])
+@pytest.mark.parametrize("kind", ["kl", "ce", "lk"])
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_chunked_loss_matches_reference(kind, chunk):
     g = torch.Generator().manual_seed(0)

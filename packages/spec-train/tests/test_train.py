@@ -265,6 +265,32 @@ def test_one_sample_trains_without_validation_across_epochs(tiny_dataset, verifi
     assert not (run / "best").exists() and (run / "final" / "config.json").exists()
 
 
+def test_max_train_samples_trains_on_a_prefix_with_its_own_vocabulary(ds, verifier, tmp_path, run_train):
+    """--max-train-samples N: the first N training samples, the whole dataset's validation split, and a
+    draft vocabulary counted over those N samples only (a data-scaling study must not see the rest)."""
+    from spec_format.dataset import Dataset
+    from spec_format.vocab import build_vocab_mapping
+    from spec_train.config import TrainConfig
+    from spec_train.data import supervised_token_counts, training_split
+
+    run = tmp_path / "run"
+    proc = run_train([str(ds), "--verifier", str(verifier), "--out", str(run), "--max-steps", "2",
+                      "--max-train-samples", "5", *FAST])  # fmt: skip
+    data = Dataset(ds)
+    cfg = TrainConfig(dataset=str(ds), verifier=str(verifier), max_train_samples=5)
+    split = training_split(cfg, len(data))
+    whole = training_split(TrainConfig(dataset=str(ds), verifier=str(verifier)), len(data))
+    assert split.train.tolist() == whole.train[:5].tolist() and split.val.tolist() == whole.val.tolist()
+    tokens = int(data.lengths[split.train].sum())
+    assert f"5 training samples ({tokens} tokens," in proc.stderr
+    assert f"{len(whole.val)} validation samples" in proc.stderr
+    V = fingerprint_model_dir(verifier).vocab_size
+    want = build_vocab_mapping(supervised_token_counts(data, split.train, V), 256)
+    assert not np.array_equal(want.d2t, build_vocab_mapping(data.token_frequencies(V), 256).d2t)
+    got = load_file(str(run / "final" / "model.safetensors"))
+    assert np.array_equal(got["d2t"], want.d2t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line naming the problem, exit 1, before training starts.
 

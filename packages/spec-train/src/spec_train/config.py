@@ -75,7 +75,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_anchors: Annotated[int, Help("DFlash: blocks (anchor + ttt_steps masked slots) sampled per packed row.")] = 64
 
     # --- objective
-    loss: Annotated[Literal["kl", "ce"], Help("Forward KL to the verifier, or CE on its top-1 token.")] = "kl"
+    loss: Annotated[Literal["kl", "ce", "lk"], Help(
+        "Forward KL to the verifier, CE on its top-1 token, or lk: -log sum_v min(p_v, q_v), the draft's "
+        "acceptance probability under sampling optimised directly (an LK-style loss).")] = "kl"
     step_weights: Annotated[list[float] | None, Help(
         "Loss weight per TTT step, comma-separated, normalised to sum to 1; default: 0.8**j.")] = None
     loss_chunk: Annotated[int, Help("Tokens per chunk of the [tokens x draft vocabulary] loss.")] = 1024
@@ -87,6 +89,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_steps: Annotated[int | None, Help("Optimiser steps (runs across epochs); wins over --epochs.")] = None
     val_fraction: Annotated[float, Help("Share of samples held out for validation.")] = 0.05
     max_val_samples: Annotated[int, Help("At most this many validation samples.")] = 256
+    max_train_samples: Annotated[int | None, Help(
+        "Train on the first N training samples only (dataset order; the validation split stays that of the "
+        "whole dataset): data-scaling studies and quick trials on part of a dataset.")] = None
     noise: Annotated[float, Help("Uniform noise U(-x, x) on the auxiliary hidden states.")] = 0.0
     loss_mask: Annotated[Literal["dataset", "all"], Help(
         "Positions trained on: the dataset's loss mask (assistant turns) or all; the target is the verifier's "
@@ -175,7 +180,7 @@ def check(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "save_every", "eval_every", "draft_vocab_size"):
+    for name in ("max_steps", "save_every", "eval_every", "draft_vocab_size", "max_train_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.epochs is not None and cfg.epochs <= 0:
@@ -210,6 +215,8 @@ def check(cfg: TrainConfig) -> None:
         raise SpecError(f"--{'data' if cfg.data else 'cache'} needs --online TARGET")
     if cfg.online is None and cfg.verifier is None:
         raise SpecError("--verifier is required: the target model's directory the dataset was captured from")
+    if cfg.online is not None and cfg.max_train_samples is not None:
+        raise SpecError("--max-train-samples: online training captures every row of --data; pass fewer rows")
     if cfg.online is not None and cfg.num_workers:
         raise SpecError("--num-workers: online training reads the capture process's queue; use 0")
     if cfg.batch_tokens < 4:

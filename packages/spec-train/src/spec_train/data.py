@@ -49,6 +49,26 @@ def split_samples(num_samples: int, val_fraction: float, max_val: int, seed: int
     return Split(np.sort(perm[n_val:]), np.sort(perm[:n_val]))
 
 
+def training_split(cfg, num_samples: int) -> Split:
+    """The run's split: validation as split_samples holds it out, training cut to --max-train-samples."""
+    split = split_samples(num_samples, cfg.val_fraction, cfg.max_val_samples, cfg.seed)
+    if cfg.max_train_samples is not None:
+        split.train = split.train[: cfg.max_train_samples]
+    return split
+
+
+def supervised_token_counts(ds, samples: np.ndarray, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: how often each id is a supervised token in these samples of a dataset (the
+    manifest's token_frequencies counts every sample)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in samples.tolist():
+        k, j = ds.locate(i)
+        shard = ds.shard(k)
+        ids = shard.array(j, "token_ids")[shard.array(j, "loss_mask")]
+        counts += np.bincount(ids, minlength=vocab_size)
+    return counts
+
+
 def pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Next-fit packing of samples `order` (in that order) into rows of at most `budget` tokens.
     Returns (row_starts int64 [rows + 1], offsets into `order`; kept lengths int64 [len(order)])."""

@@ -16,7 +16,7 @@ from spec_models import forward_ttt, propose, ttt_input_ids
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
 from spec_train.config import DEFAULT_DRAFT_VOCAB, TrainConfig
-from spec_train.data import layer_indices, supervised_slots
+from spec_train.data import layer_indices, supervised_slots, supervised_token_counts, training_split
 from spec_train.offline import incremental_counts, ttt_counts
 
 
@@ -59,7 +59,11 @@ def draft_vocabulary(cfg: TrainConfig, ds: Dataset, d: distributed.Dist) -> Voca
         raise SpecError(f"--draft-vocab-size {size} is larger than the verifier's vocabulary ({V})")
     if size == V:
         return None
-    mapping = build_vocab_mapping(ds.token_frequencies(V), size)
+    if cfg.max_train_samples is None:
+        counts = ds.token_frequencies(V)
+    else:  # a part of the dataset: its own tokens, not those of samples it never trains on
+        counts = supervised_token_counts(ds, training_split(cfg, len(ds)).train, V)
+    mapping = build_vocab_mapping(counts, size)
     if mapping.num_unseen:
         d.say(f"warning: only {size - mapping.num_unseen} distinct supervised tokens in the data; the draft "
                 f"vocabulary of {size} is filled with {mapping.num_unseen} unseen ids (lowest ids first)")  # fmt: skip

@@ -121,3 +121,27 @@ def warmup_prompt_ids(verifier: str | Path, measured: list[list[int]]) -> list[i
     raise SpecError(
         f"every warm-up prompt is also a measured prompt: remove '{WARMUP_TEXTS[0]}' from the data"
     )
+
+
+def prompt_texts(sources: list[str]) -> list[str]:
+    """The user messages of every row of these prompt sources (what training rows must not be near)."""
+    texts = []
+    for item in read_conversations([resolve_source(s) for s in sources]):
+        if not isinstance(item, RowError):
+            texts += [m.content for m in item.messages if m.role == "user" and isinstance(m.content, str)]
+    return texts
+
+
+def decontaminate(rows: list[dict], held_out: list[str], threshold: float = 0.5) -> tuple[list[dict], int]:
+    """(the rows none of whose user messages is near a held-out prompt, how many were dropped): MinHash
+    over character 5-grams, spec synth's near-duplicate index."""
+    from spec_datagen.synth import NearDuplicates
+
+    index = NearDuplicates(threshold)
+    for p in held_out:
+        index.seen(p)
+    kept = [
+        r for r in rows
+        if not any(index.seen(m["content"], add=False) for m in r["messages"] if m["role"] == "user")
+    ]  # fmt: skip
+    return kept, len(rows) - len(kept)

@@ -75,6 +75,12 @@ class _ChunkedLoss(torch.autograd.Function):
                     p = logp.exp()
                     per = (p * (logp - logq)).sum(-1)
                     del logp
+                elif kind == "lk":  # -log alpha, alpha = sum_v min(p_v, q_v): P(accept) when sampling
+                    p = t_logp[rows].exp()
+                    q = logq.exp()
+                    below = (q < p).to(q.dtype)  # where q is the smaller one, alpha moves with q
+                    alpha = torch.minimum(p, q).sum(-1).clamp_min(1e-6)
+                    per = -alpha.log()
                 else:  # cross-entropy on the verifier's top-1 token within the draft vocabulary
                     per = -logq.gather(1, top[:, None]).squeeze(1)
                 stats[0, j] += per.sum()
@@ -82,10 +88,13 @@ class _ChunkedLoss(torch.autograd.Function):
                 stats[2, j] += len(t)
                 loss += scale[j] * per.sum()
                 if need_grad:
-                    g = logq.exp_()  # d/dq of KL(p || softmax q) and of CE: softmax(q) - target
+                    if kind == "lk":  # d alpha / d z_i = q_i (below_i - sum_v below_v q_v)
+                        g = -q * (below - (below * q).sum(-1, keepdim=True)) / alpha[:, None]
+                    else:
+                        g = logq.exp_()  # d/dq of KL(p || softmax q) and of CE: softmax(q) - target
                     if kind == "kl":
                         g -= p
-                    else:
+                    elif kind == "ce":
                         g[torch.arange(len(t), device=g.device), top] -= 1
                     g = _bucket((g * scale[j]).to(dtype))  # padded rows are zero: no gradient
                     grad_normed[j, t] = (g @ w).float()[:m]

@@ -61,15 +61,20 @@ def aux_states(target, sequence: list[int], layer_ids: list[int]) -> torch.Tenso
 
 
 @torch.no_grad()
-def simulate(draft, target, prompts: list[list[int]], continuations: list[list[int]], k: int) -> SimulatedRun:
-    """Replay vLLM's greedy verification rounds for each prompt; all prompts' rounds run as one batch."""
+def simulate(
+    draft, target, prompts: list[list[int]], continuations: list[list[int]], k: int,
+    auxes: list[torch.Tensor] | None = None,
+) -> SimulatedRun:  # fmt: skip
+    """Replay vLLM's greedy verification rounds for each prompt; all prompts' rounds run as one batch.
+    `auxes`: each sequence's aux_states at the draft's layers, where the caller has them already (a study
+    measuring many drafts of the same target computes them once)."""
     from spec_train.algorithms import get_algorithm
 
     propose = get_algorithm(draft.config.algorithm).propose
 
-    layer_ids = draft.config.aux_layer_ids
     seqs = [p + c for p, c in zip(prompts, continuations)]
-    auxes = [aux_states(target, s, layer_ids) for s in seqs]
+    if auxes is None:
+        auxes = [aux_states(target, s, draft.config.aux_layer_ids) for s in seqs]
     # Context end n: tokens s[0..n] are known; the target's prefill already emitted s[len(prompt)].
     ends = [len(p) for p in prompts]
     drafts, accepted = 0, [0] * k

@@ -31,7 +31,15 @@ from spec_train import config as config_mod
 from spec_train import distributed, state
 from spec_train.algorithms import get_algorithm
 from spec_train.config import TrainConfig
-from spec_train.data import RowLoader, Rows, Stream, row_pad_multiple, split_samples, step_rows, train_batches
+from spec_train.data import (
+    RowLoader,
+    Rows,
+    Stream,
+    row_pad_multiple,
+    step_rows,
+    train_batches,
+    training_split,
+)
 from spec_train.loss import Objective
 from spec_train.metrics import MetricsLog, estimate, plot
 from spec_train.targets import VerifierHead
@@ -166,7 +174,7 @@ def train(cfg: TrainConfig) -> Path:
             ds.shard(k)
     algo = get_algorithm(cfg.algorithm)
     draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
-    split = split_samples(len(ds), cfg.val_fraction, cfg.max_val_samples, cfg.seed)
+    split = training_split(cfg, len(ds))
     if not len(split.val):
         d.say(f"{len(ds)} sample(s): too few to hold any out; training without validation "
                 "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
