@@ -145,10 +145,12 @@ def train(target: Path, work: Path, name: str, plan: Plan, base_samples: int) ->
     argv = ["train", str(dataset), "--verifier", str(target), "--out", str(run), "--resume", "--no-progress"]
     seconds = spec(*argv, *[x for kv in flags.items() for x in kv])
     ds = Dataset(dataset)
-    split = training_split(TrainConfig(dataset=str(dataset), verifier=str(target), max_train_samples=samples),
-                           len(ds))  # fmt: skip
+    cfg = TrainConfig(dataset=str(dataset), verifier=str(target), out=str(run), max_train_samples=samples)
+    split = training_split(cfg, len(ds))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r.get("split") == "val"]
+    # a run resumed by a rerun of this tool: its own clock (training only, start-up not counted)
+    seconds = max(seconds, max((r.get("elapsed_s", 0.0) for r in records), default=0.0))
     info = {
         "name": name, "change": change, "flags": flags, "samples": len(split.train),
         "train_tokens": int(ds.lengths[split.train].sum()), "steps": int(flags["--max-steps"]),
@@ -179,7 +181,6 @@ class HeldOut:
         from spec_train.eval_prompts import load_prompts
         from spec_train.simulate import greedy_continuations
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.target = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
         cache = work / f"heldout-{num_prompts}x{max_tokens}.json"
         if cache.is_file():
@@ -277,6 +278,14 @@ def table(results: dict, pool: dict) -> str:
             f"| {cell['chat']} | {cell['humaneval']} | **{cell['both']}** | {', '.join(f'{a:.3f}' for a in pos)} "
             f"| {cov:.1%} | {val} |"
         )
+    confirmed = [(n, r["vllm"]) for n, r in results.items() if r.get("vllm")]
+    if confirmed:
+        lines += ["", "In vLLM (`--confirm`; the draft at k = 3, n-gram at k = 3, one request at a time):", "",
+                  "| run | mean acceptance length | speed-up | n-gram speed-up |", "|---|---:|---:|---:|"]  # fmt: skip
+        for name, v in confirmed:
+            ngram = (v.get("ngram_speedup") or {}).get("1")
+            lines.append(f"| {name} | {v['mean_acceptance_length']:.3f} ± {v['stderr'] or 0:.3f} | "
+                         f"{v['speedup']['1']:.2f}x | {ngram:.2f}x |" if ngram else "")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -320,6 +329,8 @@ def main() -> None:
     )
     p.add_argument("--table", action="store_true", help="Print the table of what is done and stop.")
     p.add_argument("--confirm", default=None, help="Comma-separated variants to measure in vLLM (spec eval).")
+    p.add_argument("--confirm-prompts", type=int, default=8, help="With --confirm: prompts per set.")
+    p.add_argument("--confirm-rounds", type=int, default=1, help="With --confirm: spec eval --rounds.")
     args = p.parse_args()
     unknown = sorted(
         set((args.only or "").split(",") + (args.confirm or "").split(",")) - set(VARIANTS) - {""}
@@ -340,7 +351,7 @@ def main() -> None:
         else json.loads((args.work / "pool" / "pool.json").read_text())
     )
     if not args.table:
-        names = args.only.split(",") if args.only else list(VARIANTS)
+        names = args.only.split(",") if args.only else ([] if args.confirm else list(VARIANTS))
         held = None
         for name in names:
             info = train(args.target, args.work, name, plan, plan.prompts)
@@ -354,8 +365,9 @@ def main() -> None:
             report = args.work / "runs" / name / "vllm.json"
             if not report.is_file():
                 cmd = [sys.executable, "-m", "spec_format", "eval", str(draft_dir(args.work / "runs" / name)),
-                       "--data", "chat", "--data", "humaneval", "--num-prompts", str(args.num_prompts),
-                       "--max-tokens", str(args.max_tokens), "--no-suffix", "--json"]  # fmt: skip
+                       "--data", "chat", "--data", "humaneval", "--num-prompts", str(args.confirm_prompts),
+                       "--max-tokens", str(args.max_tokens), "--rounds", str(args.confirm_rounds), "--no-suffix",
+                       "--json"]  # fmt: skip
                 log("$ spec " + " ".join(cmd[3:]))
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
                 report.write_text(out)

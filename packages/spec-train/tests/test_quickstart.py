@@ -21,7 +21,15 @@ from spec_format.fingerprint import default_eagle3_layers
 from spec_format.validate import validate_checkpoint
 
 # ~6 minutes on two cores, half of it the five engine starts.
-TINY = {"prompts": 24, "reply_tokens": 64, "train_steps": 60, "eval_prompts": 2, "eval_tokens": 48}
+# (One k: the k sweep and --write-k are tested on a trained draft in test_e2e.py.)
+TINY = {
+    "prompts": 24,
+    "reply_tokens": 64,
+    "train_steps": 60,
+    "eval_prompts": 2,
+    "eval_tokens": 48,
+    "serve_k": "3",
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +93,11 @@ def test_quickstart_runs_every_stage_and_reports(quickstart, demo_model, series)
     # the report printed for the user carries those figures
     assert f"Mean acceptance length (k=3): {draft['mean_acceptance_length']:.2f}" in proc.stdout
     assert f"spec serve {out / 'draft'}" in proc.stdout
+    assert (
+        report["k"] == 3
+        and report["written_k"]["new"] == 3
+        and "Serving k: 3, the fastest of k = 3" in proc.stdout
+    )
     assert "Outputs identical with and without the draft (greedy): True" in proc.stdout
 
 

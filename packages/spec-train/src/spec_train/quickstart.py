@@ -3,7 +3,8 @@
     prompts synthesised by the target (from openers shipped here) and its own replies  (spec synth --respond)
     -> hidden states captured with vLLM                                                      (spec datagen)
     -> a draft trained on them (EAGLE-3; --algorithm peagle: P-EAGLE; dflash: DFlash)        (spec train)
-    -> acceptance and speed-up measured in vLLM on held-out chat and code prompts            (spec eval)
+    -> acceptance and speed-up measured in vLLM on held-out chat and code prompts, the fastest
+       k written into the draft                                                              (spec eval)
 
 Each stage is the `spec` command a user would run (printed before it runs) and leaves a `.done` marker,
 so running the quick start again reuses every finished stage and resumes an interrupted one.
@@ -44,6 +45,7 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True):
     eval_prompts: int = 8  # per held-out set (chat: one per category; humaneval)
     eval_tokens: int = 96
     eval_rounds: int = 1  # one timed round keeps the quick start's time; spec eval's default is 3
+    serve_k: str = "2,3,4"  # k measured in vLLM; the fastest is written into the draft (spec eval --write-k)
 
     def scaled(self, minutes: float) -> Plan:
         f = max(minutes / 20.0, 0.25)
@@ -127,6 +129,7 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
     _stage("eval", report_dir / ".done", _spec(
         "eval", str(draft), "--data", "chat", "--data", "humaneval", "--num-prompts", str(plan.eval_prompts),
         "--max-tokens", str(plan.eval_tokens), "--rounds", str(plan.eval_rounds), "--report", str(report_dir),
+        "--k", plan.serve_k, "--write-k",
     ))  # fmt: skip
     report = json.loads((report_dir / "eval.json").read_text())
     report["quickstart_minutes"] = round((time.perf_counter() - started) / 60, 1)
@@ -142,6 +145,8 @@ def explain(report: dict, out: Path) -> str:
         f"Quick start finished in {report['quickstart_minutes']} min. Your draft: {out / 'draft'}",
         f"  serve it:      spec serve {out / 'draft'}",
         "",
+        f"Serving k: {report['k']}, the fastest of k = {', '.join(str(e['k']) for e in report.get('per_k') or [])} "
+        "here, written into the draft's config.json (vLLM reads it)",
         f"Mean acceptance length (k={report['k']}): {draft['mean_acceptance_length']:.2f} tokens per target forward "
         f"(n-gram: {ngram.get('mean_acceptance_length', float('nan')):.2f}; 1.00 = no gain, {report['k'] + 1} = every draft accepted)",
         "Per-position acceptance: " + ", ".join(f"{a:.2f}" for a in draft["acceptance_per_position"]),
