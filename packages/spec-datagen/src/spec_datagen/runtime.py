@@ -62,7 +62,11 @@ def engine_kwargs(model: str | os.PathLike, *, max_model_len: int = 2048, **over
     """Keyword arguments for `vllm.LLM` (and, spelled as flags, for the OpenAI server)."""
     kwargs: dict[str, Any] = {"model": str(model), "max_model_len": max_model_len, "trust_remote_code": False}
     if is_cpu_platform():
-        # fp32: 3-6x faster than bf16 on these CPUs. 64 sequences: 1.46x the generated tokens/s of 16 on two
+        # fp32: 3-6x faster than bf16 on AVX2-only CPUs (shared/reference/cpu-feasibility.md). On a CPU with
+        # AMX, bf16 is the faster one (tools/bench_data_rate.py: 2.1x the generated and 2.8x the prefilled
+        # tokens/s, docs/scaling.md), but fp32 stays the default: the tests hold vLLM to transformers' fp32
+        # greedy tokens, and bf16 data would come from a slightly different target than the one served.
+        # Pass engine kwargs {"dtype": "bfloat16"} to choose it. 64 sequences: 1.46x the generated tokens/s of 16 on two
         # cores (SmolLM2-135M, 128 prompts x 192 tokens: 317 vs 217 tok/s); 128 adds only 5%.
         kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=64)
     kwargs.update(overrides)
