@@ -49,6 +49,20 @@ def spec_cli() -> str:
 
 
 @pytest.fixture(scope="session")
+def tool_module():
+    """tool_module("exp_scaling") -> tools/exp_scaling.py imported as a module (tools/ is no package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def demo_model() -> Path:
     """The real SmolLM2-135M-Instruct target as an HF directory (built once, cached)."""
     from spec_datagen.demo_model import demo_model_dir

@@ -2,16 +2,12 @@
 held-out prompts, supervised-token budgets, and (a), (b), (c) written on the real target with the shared
 regeneration engine from a small package made here in chatterbot-corpus's layout."""
 
-import importlib.util
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from spec_datagen.template import ChatRenderer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 YAML_AI = """categories:
 - AI
@@ -38,11 +34,8 @@ conversations:
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("exp_onpolicy", ROOT / "tools/exp_onpolicy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(tool_module):
+    return tool_module("exp_onpolicy")
 
 
 @pytest.fixture

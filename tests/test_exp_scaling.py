@@ -1,21 +1,14 @@
 """tools/exp_scaling.py: its variants are real `spec train` flags, its cached held-out measurement is the
 `spec eval --offline` simulation, and its cost columns are the pool's seconds pro rata."""
 
-import importlib.util
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("exp_scaling", ROOT / "tools/exp_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(tool_module):
+    return tool_module("exp_scaling")
 
 
 def test_every_variant_flag_is_a_spec_train_option(tool, spec_cli):

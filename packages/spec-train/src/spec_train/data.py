@@ -60,13 +60,12 @@ def training_split(cfg, num_samples: int) -> Split:
 def supervised_token_counts(ds, samples: np.ndarray, vocab_size: int) -> np.ndarray:
     """int64 [vocab_size]: how often each id is a supervised token in these samples of a dataset (the
     manifest's token_frequencies counts every sample)."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
+    ids = [np.zeros(0, dtype=np.int64)]
     for i in samples.tolist():
         k, j = ds.locate(i)
         shard = ds.shard(k)
-        ids = shard.array(j, "token_ids")[shard.array(j, "loss_mask")]
-        counts += np.bincount(ids, minlength=vocab_size)
-    return counts
+        ids.append(shard.array(j, "token_ids")[shard.array(j, "loss_mask")])
+    return np.bincount(np.concatenate(ids), minlength=vocab_size).astype(np.int64)
 
 
 def pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:

@@ -90,12 +90,12 @@ class _ChunkedLoss(torch.autograd.Function):
                 if need_grad:
                     if kind == "lk":  # d alpha / d z_i = q_i (below_i - sum_v below_v q_v)
                         g = -q * (below - (below * q).sum(-1, keepdim=True)) / alpha[:, None]
-                    else:
-                        g = logq.exp_()  # d/dq of KL(p || softmax q) and of CE: softmax(q) - target
-                    if kind == "kl":
-                        g -= p
-                    elif kind == "ce":
-                        g[torch.arange(len(t), device=g.device), top] -= 1
+                    else:  # d/dq of KL(p || softmax q) and of CE: softmax(q) - target
+                        g = logq.exp_()
+                        if kind == "kl":
+                            g -= p
+                        else:
+                            g[torch.arange(len(t), device=g.device), top] -= 1
                     g = _bucket((g * scale[j]).to(dtype))  # padded rows are zero: no gradient
                     grad_normed[j, t] = (g @ w).float()[:m]
                     if need_w:
