@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from spec_format.errors import SpecError
 from spec_train.data import Rows, Stream, split_samples
-from spec_train.online import capture_jobs
+from spec_train.online import Inbox, capture_jobs
 
 TOPICS = ["rivers", "honey bees", "volcanoes", "the moon", "bread", "rainbows", "bicycles", "the ocean", "owls",
           "libraries", "trains", "snow", "clocks", "gardens", "bridges", "whales", "deserts", "kites", "maps",
@@ -69,8 +70,25 @@ class Runs(msgspec.Struct):
     online: str
     cache: str
     killed: subprocess.CompletedProcess
+    leftover: list[int]  # processes of the killed run still alive after it exited
     resumed_stderr: str
     datagen_stderr: str
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (a command started with start_new_session and all it started)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if (
+                p.name.isdigit()
+                and os.getsid(int(p.name)) == sid
+                and (p / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            ):
+                found.append(int(p.name))
+        except OSError:
+            pass
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -83,38 +101,36 @@ def runs(demo_model, spec_cli, run_train, tmp_path_factory) -> Runs:
     assert datagen.returncode == 0, datagen.stderr[-3000:]
     run_train([str(tmp / "ds"), "--verifier", m, "--out", str(tmp / "offline"), *STEPS], timeout=900)
 
-    # Online with a cache; the capture process is killed once the step-4 checkpoint exists (epoch 0).
+    # Online with a cache; the capture process kills itself before it sends its last sample (the first
+    # epoch's last row, which step 5 reads: the step-4 checkpoint is on disk by then).
     online = [sys.executable, "-m", "spec_train", "--online", m, "--data", str(rows), "--cache", str(tmp / "cache"),
               "--out", str(tmp / "online"), "--samples-per-shard", "4", "--online-queue", "2", *STEPS]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(online, stderr=subprocess.PIPE, text=True, env=env)
-    lines, pid = [], None
-    for line in proc.stderr:
-        lines.append(line)
-        if "is feeding the trainer" in line:
-            pid = int(line.split("capture process ")[1].split()[0])
-            break
-    assert pid is not None, "".join(lines)[-3000:]
-    deadline = time.time() + 300
-    while not (tmp / "online" / "checkpoints" / "step-000004").is_dir() and proc.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    rest = proc.stderr.read()
-    killed = subprocess.CompletedProcess(online, proc.wait(timeout=300), "", "".join(lines) + rest)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPEC_CAPTURE_KILL_AT": "send:-1"}
+    proc = subprocess.Popen(online, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # a hung trainer (what Inbox fixes): fail, and leave no engine behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(
+            f"the online run did not stop after its capture died:\n{proc.communicate()[1]}"
+        ) from None
+    killed = subprocess.CompletedProcess(online, proc.returncode, out, err)
+    leftover = session_members(proc.pid)  # the run's own session: its capture process and engine included
     resumed = run_train(online[3:] + ["--resume"], timeout=900)
-    return Runs(str(tmp / "offline"), str(tmp / "online"), str(tmp / "cache"), killed, resumed.stderr,
+    return Runs(str(tmp / "offline"), str(tmp / "online"), str(tmp / "cache"), killed, leftover, resumed.stderr,
                 datagen.stderr)  # fmt: skip
 
 
 @pytest.mark.e2e
 def test_engine_death_stops_training_in_one_line_and_resume_continues(runs):
     assert runs.killed.returncode == 1, runs.killed.stderr[-3000:]
+    assert runs.leftover == [], "the dead capture process's engine outlived the run"  # it held 4.6 GB
     last = runs.killed.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the capture engine (process ") and "died" in last and "--resume" in last, (
         last
     )
-    assert "resumed from" in runs.resumed_stderr and "(step " in runs.resumed_stderr
+    assert "resumed from" in runs.resumed_stderr and "(step 4 of 16)" in runs.resumed_stderr
     assert (Path(runs.online) / "checkpoints" / "step-000016").is_dir()
 
 
@@ -213,3 +229,25 @@ def test_two_ranks_train_and_capture_spec_datagens_shares(demo_model, tmp_path):
             len([i for j in range(2) for i, _ in stream.streams[r].row(j)]) :
         ]
     assert set(stream.streams[0].samples) | set(stream.streams[1].samples) == set(split.train)
+
+
+def test_a_capture_process_killed_mid_message_stops_the_reader_in_one_line():
+    """The trainer's hang this guards against: a capture process killed while it writes a sample leaves
+    part of the message in the queue's pipe, and a plain Queue.get(timeout=...) then waits in recv for the
+    rest for ever. Inbox.get must see the death and raise the one-line error within seconds."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the child only writes bytes: no torch threads in it
+    q = ctx.Queue(maxsize=2)
+    proc = ctx.Process(target=q.put, args=((3, b"\0" * (64 << 20)),))  # 64 MiB: far more than a pipe holds
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not q._reader.poll() and time.monotonic() < deadline:  # the first bytes are in the pipe
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    inbox = Inbox(q, proc)
+    t0 = time.monotonic()
+    with pytest.raises(SpecError, match=r"the capture engine \(process \d+\) died .*--resume"):
+        inbox.get()
+    assert time.monotonic() - t0 < 10

@@ -14,6 +14,11 @@ and fault campaigns. Every such hook lives in this module, so this docstring lis
                            SIGKILL while committing the K-th shard of this run (1-based): "shard" with the
                            shard file written and fsynced but not yet renamed into place, "manifest" with it
                            renamed but not yet listed in the manifest. tools/fault_campaign.py uses both.
+    SPEC_CAPTURE_KILL_AT=send:N
+                           fault injection: the capture process of `spec train --online` (spec_train.online)
+                           sends itself SIGKILL before it sends its N-th sample to the trainer (1-based;
+                           negative counts from the end, -1 the last): the trainer must stop in one line
+                           and --resume continue. Both the engine-death test and the campaign use it.
 
 Unset, a hook does nothing.
 """

@@ -25,6 +25,7 @@ import os
 import queue as queue_mod
 import signal
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -165,10 +166,15 @@ def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache
     `gpu`: the CUDA device its engine uses (the rank's own), None on a CPU."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    # A process group of its own, which its vLLM engine processes join: they outlive a capture process
+    # that is killed (measured: 4.6 GB held by the orphaned EngineCore and Worker), so the trainer kills
+    # the group once this process is gone (kill_capture_group).
+    os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # Feed.close: leave through `with`, engine stopped
     from spec_datagen.capture import capture
     from spec_datagen.pipeline import Capturer
     from spec_format.dataset import DatasetWriter
+    from spec_format.diagnostics import kill_point
     from spec_format.tensors import float32_to_bf16_bits
 
     def put(item) -> None:
@@ -187,11 +193,17 @@ def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache
                 writer = DatasetWriter(cache, target=fingerprint_model_dir(target), layer_ids=cap.layer_ids,
                                        hidden_size=cap.hidden_size, dtype="bf16", resume=True, ordered=False,
                                        **cache_kwargs)  # fmt: skip
+            n_send, sent = sum(send for _, send, _ in jobs), 0
             for (k, send, write), s in zip(jobs, capture(cap.llm, (samples[k] for k, _, _ in jobs))):
+                if os.getppid() != parent:  # the trainer is gone: write nothing more into its cache
+                    raise SystemExit(1)
                 if write:
                     writer.add(source_index=s.source_index, token_ids=s.token_ids, loss_mask=s.loss_mask,
                                hidden=s.hidden)  # fmt: skip
                 if send:
+                    sent += 1
+                    kill_point("send", sent, "SPEC_CAPTURE_KILL_AT")  # fault injection (diagnostics)
+                    kill_point("send", sent - 1 - n_send, "SPEC_CAPTURE_KILL_AT")  # -1: the last
                     put((k, float32_to_bf16_bits(s.hidden)))
             if writer is not None:
                 writer.close()
@@ -202,6 +214,62 @@ def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache
         if writer is not None:
             writer.abort()
         put(("error", str(e) if isinstance(e, SpecError) else f"{type(e).__name__}: {e}"))
+
+
+def kill_capture_group(pid: int) -> None:
+    """Stop what is left of capture process `pid`'s process group (its engine processes): SIGTERM, which
+    lets them release their shared memory (else the resource tracker warns at exit), SIGKILL after 10 s."""
+    import time
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.1)
+
+
+class Inbox:
+    """What a capture process puts on its queue, in order, or one line when the process dies.
+
+    A process killed in the middle of a message leaves part of it in the pipe, and Queue.get then waits
+    in recv for the rest for ever (the reader holds the pipe's write end too, so no EOF comes): a trainer
+    that hung. So a daemon thread does the blocking reads, and get() waits on its one-item hand-off (the
+    queue's bound stays) with a timeout, checking that the process lives. A thread stuck on a dead writer
+    does not keep the trainer from exiting."""
+
+    def __init__(self, q, proc):
+        self.proc, self._handoff = proc, queue_mod.Queue(maxsize=1)
+        threading.Thread(target=self._read, args=(q,), name="spec-capture-reader", daemon=True).start()
+
+    def _read(self, q) -> None:
+        while True:
+            item = q.get()
+            self._handoff.put(item)
+            if item[0] in ("done", "error"):
+                return
+
+    def get(self):
+        while True:
+            try:
+                return self._handoff.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not self.proc.is_alive():
+                    try:  # what it put whole before it ended (its "error", say) is still on its way
+                        return self._handoff.get(timeout=1.0)
+                    except queue_mod.Empty:
+                        pass
+                    kill_capture_group(self.proc.pid)
+                    raise SpecError(
+                        f"the capture engine (process {self.proc.pid}) died (exit code {self.proc.exitcode}) "
+                        "while training; the last checkpoint is intact: run the same command with --resume"
+                    ) from None
 
 
 class Feed:
@@ -219,21 +287,11 @@ class Feed:
         atexit.register(
             self.close
         )  # also when training stops with an error (before multiprocessing joins it)
+        self.inbox = Inbox(self.queue, self.proc)
 
     @property
     def exhausted(self) -> bool:
         return not self.expected
-
-    def _get(self):
-        while True:
-            try:
-                return self.queue.get(timeout=1.0)
-            except queue_mod.Empty:
-                if not self.proc.is_alive():
-                    raise SpecError(
-                        f"the capture engine (process {self.proc.pid}) died (exit code {self.proc.exitcode}) "
-                        "while training; the last checkpoint is intact: run the same command with --resume"
-                    ) from None
 
     def next(self, k: int) -> np.ndarray:
         """The bf16 bits of sample k, which must be the next job the trainer reads."""
@@ -242,7 +300,7 @@ class Feed:
             raise RuntimeError(
                 f"online data out of order: the trainer reads sample {k}, capture sends {want}"
             )
-        got, bits = self._get()
+        got, bits = self.inbox.get()
         if got == "error":
             raise SpecError(f"capture failed: {bits}")
         if got != k:
@@ -252,7 +310,7 @@ class Feed:
     def wait_done(self) -> None:
         """Block until the capture process has finished (its cache committed)."""
         if not self.done:
-            kind, msg = self._get()
+            kind, msg = self.inbox.get()
             if kind == "error":
                 raise SpecError(f"capture failed: {msg}")
             self.done = True
@@ -261,8 +319,9 @@ class Feed:
     def close(self) -> None:
         atexit.unregister(self.close)
         if self.proc.is_alive():
-            self.proc.terminate()  # the engine's own process follows its parent (vLLM watches it)
+            self.proc.terminate()  # it leaves through `with`: its engine stopped, the cache's shards kept
         self.proc.join(timeout=30)
+        kill_capture_group(self.proc.pid)  # whatever of its engine is left (it was killed, or hangs)
 
 
 class OnlineSample:
