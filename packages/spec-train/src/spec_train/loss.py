@@ -29,13 +29,59 @@ def _bucket(x: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
 
 
+def _chunks(valid: torch.Tensor, chunk: int):
+    """For each chunk [p0, p0 + chunk) of target positions: (p0, the needed positions relative to p0 [n],
+    position - p0 -> row of the chunk's target logits [chunk], and per step j the slots t = p - 1 - j whose
+    target position p falls in the chunk)."""
+    S, T = valid.shape
+    for p0 in range(0, T, chunk):
+        p1 = min(p0 + chunk, T)
+        sel = []
+        need = torch.zeros(p1 - p0, dtype=torch.bool, device=valid.device)
+        for j in range(S):
+            lo, hi = max(p0 - 1 - j, 0), max(p1 - 1 - j, 0)
+            t = valid[j, lo:hi].nonzero().squeeze(1) + lo
+            sel.append(t)
+            need[t + 1 + j - p0] = True
+        pos = need.nonzero().squeeze(1)
+        if len(pos):
+            yield p0, pos, torch.cumsum(need.long(), 0) - 1, sel
+
+
+@torch.no_grad()
+def _confidence(normed, w, t_normed, tw, valid, chunk, dtype) -> torch.Tensor:
+    """q [S, T]: the draft's probability of the verifier's top-1 token at every counted slot (0 elsewhere),
+    chunked like the loss (one more pass over the head: D-PACE needs a chain's every depth first)."""
+    q = torch.zeros(valid.shape, dtype=torch.float32, device=normed.device)
+    for p0, pos, row_of, sel in _chunks(valid, chunk):
+        t_top = (_bucket(t_normed[p0 + pos]).to(dtype) @ tw.T).argmax(-1)
+        for j, t in enumerate(sel):
+            if len(t):
+                logq = torch.log_softmax((_bucket(normed[j, t].to(dtype)) @ w.T).float(), -1)[: len(t)]
+                q[j, t] = logq.gather(1, t_top[row_of[t + 1 + j - p0]][:, None]).squeeze(1).exp()
+    return q
+
+
+def dpace_weights(q: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D-PACE position weights (arXiv 2605.18810, eq. 7-8) per draft chain: the chain from slot t is
+    (j, t) for j = 0..S-1 (TTT step j, or DFlash depth j of the anchor after t). With the smoothed
+    confidence q~ = (1 - alpha) q + alpha, depth j weighs sum_{m >= j} prod_{i <= m} q~_i: a later depth
+    counts as far as the chain is likely to reach it, and weight moves to it as the earlier depths firm up.
+    Uncounted slots are neutral (q~ = 1) and weigh 0; each chain's weights are normalised to sum to 1 (as
+    the default 0.8**j weights are), so the loss keeps its scale. q, valid [S, T] -> weights [S, T]."""
+    qs = torch.where(valid, (1 - alpha) * q + alpha, torch.ones_like(q))
+    w = torch.flip(torch.cumsum(torch.flip(torch.cumprod(qs, 0), [0]), 0), [0]) * valid
+    return w / w.sum(0, keepdim=True).clamp_min(1e-12)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, normed, weight, t_normed, t_weight, valid, scale, chunk, kind, dtype, need_grad):
+    def forward(ctx, normed, weight, t_normed, t_weight, valid, scale, chunk, kind, dtype, need_grad, dpace):
         """normed [S, T, H] draft lm_head inputs; weight [Vd, H] draft lm_head; t_normed [T, H] verifier
         lm_head inputs; t_weight [Vd, H] verifier rows of the draft vocabulary; valid bool [S, T];
-        scale [S] multiplies step j's summed loss. Returns (loss [], stats [3, S]: summed per-token loss,
-        top-1 agreements (draft argmax == verifier argmax within the draft vocabulary), counted slots)."""
+        scale [S] multiplies step j's summed loss; dpace (alpha, or None) also weighs each slot by its D-PACE
+        weight (dpace_weights). Returns (loss [], stats [3, S]: summed per-token loss, top-1 agreements
+        (draft argmax == verifier argmax within the draft vocabulary), counted slots)."""
         S, T, _ = normed.shape
         w, tw = weight.detach().to(dtype), t_weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=normed.device)
@@ -43,20 +89,10 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_normed = torch.zeros_like(normed, dtype=torch.float32) if need_grad else None
         need_w = need_grad and ctx.needs_input_grad[1]  # False when the lm_head is frozen
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for p0 in range(0, T, chunk):
-            p1 = min(p0 + chunk, T)
-            # Slots t = p - 1 - j whose target position p falls in [p0, p1), for each step j.
-            sel = []
-            need = torch.zeros(p1 - p0, dtype=torch.bool, device=normed.device)
-            for j in range(S):
-                lo, hi = max(p0 - 1 - j, 0), max(p1 - 1 - j, 0)
-                t = valid[j, lo:hi].nonzero().squeeze(1) + lo
-                sel.append(t)
-                need[t + 1 + j - p0] = True
-            pos = need.nonzero().squeeze(1)  # needed target positions, relative to p0
-            if not len(pos):
-                continue
-            row_of = torch.cumsum(need.long(), 0) - 1  # position - p0 -> row of the chunk's target logits
+        wgt = None  # D-PACE: [S, T] slot weights from a first pass over the chains' confidence
+        if dpace is not None:
+            wgt = dpace_weights(_confidence(normed, w, t_normed, tw, valid, chunk, dtype), valid, dpace)
+        for p0, pos, row_of, sel in _chunks(valid, chunk):
             t_logits = (_bucket(t_normed[p0 + pos]).to(dtype) @ tw.T).float()  # [n (padded), Vd]
             t_logp = torch.log_softmax(t_logits, -1)
             t_top = t_logits.argmax(-1)
@@ -86,7 +122,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 stats[0, j] += per.sum()
                 stats[1, j] += (logq.argmax(-1) == top).sum()
                 stats[2, j] += len(t)
-                loss += scale[j] * per.sum()
+                sj = scale[j] if wgt is None else scale[j] * wgt[j, t]  # [] or [m]: D-PACE weighs each slot
+                loss += sj * per.sum() if wgt is None else (sj * per).sum()
                 if need_grad:
                     if kind == "lk":  # d alpha / d z_i = q_i (below_i - sum_v below_v q_v)
                         g = -q * (below - (below * q).sum(-1, keepdim=True)) / alpha[:, None]
@@ -96,7 +133,7 @@ class _ChunkedLoss(torch.autograd.Function):
                             g -= p
                         else:
                             g[torch.arange(len(t), device=g.device), top] -= 1
-                    g = _bucket((g * scale[j]).to(dtype))  # padded rows are zero: no gradient
+                    g = _bucket((g * (sj if wgt is None else sj[:, None])).to(dtype))  # padded rows: zero
                     grad_normed[j, t] = (g @ w).float()[:m]
                     if need_w:
                         grad_weight += (g.T @ x).float()
@@ -109,7 +146,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def backward(ctx, g_loss, _g_stats):
         grad_normed, grad_weight = ctx.saved_tensors
         gw = None if grad_weight is None else (grad_weight * g_loss).to(ctx.dtypes[1])
-        return ((grad_normed * g_loss).to(ctx.dtypes[0]), gw) + (None,) * 8
+        return ((grad_normed * g_loss).to(ctx.dtypes[0]), gw) + (None,) * 9
 
 
 def chunked_loss(
@@ -122,11 +159,12 @@ def chunked_loss(
     chunk: int,
     kind: str = "kl",
     dtype: torch.dtype = torch.float32,
+    dpace: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, stats [3, S]); see _ChunkedLoss.forward."""
     need_grad = torch.is_grad_enabled() and (normed.requires_grad or weight.requires_grad)
     return _ChunkedLoss.apply(
-        normed, weight, t_normed, head.draft_weight, valid, scale, chunk, kind, dtype, need_grad
+        normed, weight, t_normed, head.draft_weight, valid, scale, chunk, kind, dtype, need_grad, dpace
     )
 
 
@@ -163,7 +201,10 @@ class Objective(nn.Module):
             )  # [S, T, H], [S, T]
         if scale is None:
             scale = torch.ones(self.steps, device=device)
+        dpace = (
+            self.cfg.dpace_alpha if self.cfg is not None and self.cfg.position_weights == "dpace" else None
+        )
         return chunked_loss(
             normed, self.draft.lm_head.weight, self.head.normed(batch["last"]), self.head, valid,
-            scale, self.chunk, self.kind, dtype,
+            scale, self.chunk, self.kind, dtype, dpace,
         )  # fmt: skip

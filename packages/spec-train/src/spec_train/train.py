@@ -198,7 +198,9 @@ def train(cfg: TrainConfig) -> Path:
     first = stream.epoch(0)
     train_eval_rows = [first.row(i) for i in range(min(len(first), max(1, len(val_rows)), cfg.max_eval_rows))]
     pad = row_pad_multiple(d.device, dtype)
-    weights = config_mod.step_weights(cfg)
+    weights = config_mod.step_weights(cfg)  # the logged loss's mix of the steps' losses
+    # What scales each step's loss: the fixed weights, or 1 where D-PACE weighs every chain's slots itself.
+    scale_weights = weights if cfg.position_weights == "decay" else [1.0] * cfg.ttt_steps
     d.say(f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
             f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}, "
@@ -308,7 +310,7 @@ def train(cfg: TrainConfig) -> Path:
                 mask, pos = loader.token_view(stream.row(gr))
                 counts += algo.slot_counts(mask, pos, cfg.ttt_steps, cfg)
                 step_tokens += len(mask) if r == d.rank else 0
-        scale = (torch.tensor(weights) / counts.clamp(min=1) * d.world).to(d.device)
+        scale = (torch.tensor(scale_weights) / counts.clamp(min=1) * d.world).to(d.device)
         stats = torch.zeros(3, cfg.ttt_steps, device=d.device)
         for m in range(cfg.grad_accum):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
