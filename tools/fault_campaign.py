@@ -13,6 +13,14 @@ Kinds of trial (every count is at least --trials; --only picks kinds):
   crash_train    `spec train` on that dataset, killed mid-step, mid-checkpoint-write (SPEC_TRAIN_KILL_AT)
                  or from outside at a random moment, then --resume: steps lost or logged twice, final fp32
                  weights and AdamW state bit for bit equal to an uninterrupted run (deterministic on CPU).
+  crash_online   `spec train --online` on the real target with --cache, killed: its capture process (its
+                 engine with it) before a random sample it sends (SPEC_CAPTURE_KILL_AT: the trainer must stop
+                 in one line), the whole run from outside at a random moment, or mid-checkpoint-write; then
+                 --resume. Against one uninterrupted online run: steps lost or logged twice, the same
+                 training tokens at every step (same rows, same order), per-step losses and final weights
+                 within the capture's noise (a resumed capture batches other samples together in vLLM, so
+                 states differ in the last bits: losses rtol 2e-2, weights max |dw| <= 1e-2 max |w|), and
+                 the cache equal to the uninterrupted run's (rows lost, duplicated; `spec validate --deep`).
   corruption     one flipped byte (placed uniformly over the file), a truncation (to a uniform length) or
                  a deletion, of dataset shards, manifest.json, a checkpoint's config.json and
                  model.safetensors and its training state; detected by `spec validate --deep`, by the
@@ -32,7 +40,8 @@ Kinds of trial (every count is at least --trials; --only picks kinds):
                  exit 1 with one line naming the architecture, no traceback, no engine start, no output.
 
 --dataset/--verifier skip the datagen reference run (train, corruption and fuzz then use them; the test
-suite passes a tiny captured dataset so): crash_datagen and full_disk's capture need the real run.
+suite passes a tiny captured dataset so): crash_datagen, crash_online and full_disk's capture need the real
+run.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(Path(sys.executable).parent / "spec")
-KINDS = ("crash_datagen", "crash_train", "corruption", "full_disk", "fuzz", "targets")
+KINDS = ("crash_datagen", "crash_train", "crash_online", "corruption", "full_disk", "fuzz", "targets")
 TRAIN = ["--max-steps", "6", "--save-every", "2", "--keep-last", "10", "--draft-vocab-size", "256",
          "--batch-tokens", "256", "--loss-chunk", "64", "--val-fraction", "0", "--no-progress"]  # fmt: skip
 DATAGEN = ["--max-len", "256", "--samples-per-shard", "3", "--no-progress"]
@@ -111,16 +120,18 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group of a command started with start_new_session (vLLM's engine with it)."""
+def kill_group(pgid: int, proc: subprocess.Popen | None = None) -> None:
+    """SIGKILL process group `pgid` (a command started with start_new_session is one, vLLM's engine with
+    it) and wait until it is empty; `proc`, the command itself, is reaped first (a zombie stays a member)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait()
+    if proc is not None:
+        proc.wait()
     for _ in range(100):
         try:
-            os.killpg(proc.pid, 0)
+            os.killpg(pgid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
@@ -288,7 +299,7 @@ def _kill(c: Campaign, proc: subprocess.Popen, kind: str, mode: str) -> tuple[Ro
     """Kill the run's process group and count the trial: (its row, the exit code the run had already
     ended with, None where the kill landed while it ran)."""
     ended = proc.poll()
-    kill_group(proc)
+    kill_group(proc.pid, proc)
     r = c.row(kind, mode)
     r.trials += 1
     return r, ended
@@ -400,6 +411,99 @@ def crash_train(c: Campaign, ds: Path, verifier: Path, ref: Path, n: int) -> Non
             )
         else:
             r.detail = f"final state differs (steps lost {lost}, duplicated {dup})"
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def online_cmd(target: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [SPEC, "train", "--online", str(target), "--data", str(data), "--out", str(out),
+            "--cache", str(out / "cache"), "--samples-per-shard", "3", *TRAIN, *extra]  # fmt: skip
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [x for x in map(json.loads, lines) if x.get("split") == "train"]
+
+
+def reference_online(c: Campaign, target: Path, data: Path) -> Path:
+    ref = c.work / "ref-online"
+    shutil.rmtree(ref, ignore_errors=True)
+    log("train --online: the uninterrupted reference run")
+    done = run(online_cmd(target, data, ref), c.env())
+    if done.returncode != 0:
+        raise SystemExit(f"the reference online run failed:\n{done.stderr[-3000:]}")
+    return ref
+
+
+def crash_online(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> None:
+    from spec_format.dataset import Dataset
+
+    def weights(run_dir: Path) -> dict:  # the fp32 training weights of the last checkpoint
+        return {k: v for k, v in final_state(run_dir).items() if k.startswith("w:")}
+
+    want, ref_steps, n_cached = weights(ref), train_metrics(ref), len(Dataset(ref / "cache"))
+    for i in range(n):
+        mode = ("capture killed", "outside, random moment", "mid-checkpoint-write")[(i + c.seed) % 3]
+        out = c.work / f"online-crash-{i}"
+        env = c.env()
+        if mode == "capture killed":  # before one of the first epoch's samples (all are sent)
+            env["SPEC_CAPTURE_KILL_AT"] = f"send:{c.rng.randint(1, n_cached)}"
+        elif mode == "mid-checkpoint-write":
+            env["SPEC_TRAIN_KILL_AT"] = f"checkpoint:{c.rng.choice([2, 4, 6])}"
+        log(f"crash_online {i + 1}/{n}: {mode} "
+            f"{env.get('SPEC_CAPTURE_KILL_AT', env.get('SPEC_TRAIN_KILL_AT', ''))}")  # fmt: skip
+        log_path = c.work / f"online-crash-{i}.log"  # a file: vLLM's log would fill a pipe nobody reads
+        with open(log_path, "w") as f:
+            proc = subprocess.Popen(online_cmd(target, data, out), stdout=subprocess.DEVNULL, stderr=f, env=env,
+                                    start_new_session=True)  # fmt: skip
+        if mode.startswith("outside"):  # 0-4 steps logged (0: the engine may still be starting), 0-0.5 s more
+            after = c.rng.randint(0, 4)
+            deadline = time.monotonic() + 600
+            while proc.poll() is None and time.monotonic() < deadline and len(logged_steps(out)) < after:
+                time.sleep(0.01)
+            time.sleep(c.rng.uniform(0, 0.5))
+        else:
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                pass  # a hung trainer: killed below, and the trial fails
+        r, ended = _kill(c, proc, "crash_online", mode)
+        stderr = log_path.read_text(errors="replace")
+        # The capture process has a process group of its own (spec_train.online): after an outside kill of
+        # the run's group it stops by itself; make sure it and its engine are gone before the resume.
+        for pid in re.findall(r"capture process (\d+) is feeding", stderr):
+            kill_group(int(pid))
+        line = last_line(stderr)
+        if mode == "capture killed":
+            r.message = line.replace(str(c.work), "DIR")[:200]
+            r.tracebacks += "Traceback" in stderr
+            stopped = (
+                ended == 1 and line.startswith("error: the capture engine (process ") and "--resume" in line
+            )
+            if not stopped:
+                r.detail = f"rc {ended}, not the one-line stop: {line[:160]}"
+                shutil.rmtree(out, ignore_errors=True)
+                continue
+        if not _resumed(c, r, [*online_cmd(target, data, out), "--resume"]):
+            continue
+        lost, dup = steps_lost_duplicated(out, 6)
+        c_lost, c_dup, diff = compare_datasets(out / "cache", ref / "cache")
+        r.samples_lost += lost + c_lost
+        r.samples_duplicated += dup + c_dup
+        got_steps = train_metrics(out)
+        same_rows = [x["tokens"] for x in got_steps] == [x["tokens"] for x in ref_steps]
+        losses = np.allclose([x["loss"] for x in got_steps], [x["loss"] for x in ref_steps], rtol=2e-2)
+        got = weights(out)
+        dw = max(float(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-12)) for k in want)
+        valid = run([SPEC, "validate", "--deep", str(out / "cache")], c.env())
+        if (not lost and not dup and same_rows and losses and dw <= 1e-2 and valid.returncode == 0
+                and diff in (None, "states within one bf16 step") and got.keys() == want.keys()):  # fmt: skip
+            r.ok += 1
+            r.detail = f"resumed: same rows per step, max |dw|/max |w| {dw:.1e}, cache equal" + (
+                " (the run ended before the kill)" if ended == 0 else ""
+            )
+        else:
+            r.detail = (f"steps lost {lost} dup {dup}, same rows {same_rows}, losses {losses}, dw {dw:.1e}, "
+                        f"cache {diff}, validate rc {valid.returncode}")  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -786,6 +890,8 @@ def main() -> int:
             ds, verifier = a.dataset, a.verifier or target
         if "crash_datagen" in kinds and ref_ds is not None:
             crash_datagen(c, target, data, ref_ds, n)
+        if "crash_online" in kinds and ref_ds is not None:
+            crash_online(c, target, data, reference_online(c, target, data), n)
         ref_run = None
         if {"crash_train", "corruption", "full_disk"} & set(kinds):
             ref_run = reference_train(c, ds, verifier)
