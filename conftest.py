@@ -27,6 +27,10 @@ def pytest_configure(config):
     # Subprocesses inherit this; spec_format.diagnostics.record_engine_start appends to it.
     os.environ["SPEC_ENGINE_LOG"] = str(_ENGINE_LOG)
     _ENGINE_LOG.write_text("")
+    # 1 GiB of KV cache per CPU engine (23k SmolLM2 tokens; spec's default is 2): the tests' sequences
+    # are short, and the suite's peak (two shared engines in this process beside spec eval's three) came
+    # to 19.8 of 23 GiB with 2; CI's one OOM kill (exit 137) was in that stretch.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
