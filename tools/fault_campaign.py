@@ -305,6 +305,23 @@ def _kill(c: Campaign, proc: subprocess.Popen, kind: str, mode: str) -> tuple[Ro
     return r, ended
 
 
+def _until_the_kill(c: Campaign, proc, out: Path, outside: bool, max_logged: int, within_s: float) -> None:
+    """An outside kill: wait until 0..max_logged training steps are logged in `out`, then 0..within_s
+    seconds more. Otherwise a hook kills the run: wait for it to end (a hung run is killed after 10 min
+    and fails its trial)."""
+    if outside:
+        after = c.rng.randint(0, max_logged)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline and len(logged_steps(out)) < after:
+            time.sleep(0.005)
+        time.sleep(c.rng.uniform(0, within_s))
+    else:
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def _resumed(c: Campaign, r: Row, resume_cmd: list[str]) -> bool:
     """Run the --resume command; a failure is recorded in the row (detail, tracebacks)."""
     done = run(resume_cmd, c.env())
@@ -366,13 +383,14 @@ def crash_datagen(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> N
         shutil.rmtree(out, ignore_errors=True)
 
 
-def reference_train(c: Campaign, ds: Path, verifier: Path) -> Path:
-    ref = c.work / "ref-run"
+def reference_run(c: Campaign, name: str, cmd, out: str) -> Path:
+    """The uninterrupted run (c.work/out) that crash trials are compared with: cmd(dir) -> its command."""
+    ref = c.work / out
     shutil.rmtree(ref, ignore_errors=True)
-    log("train: the uninterrupted reference run")
-    done = run(train_cmd(ds, verifier, ref), c.env())
+    log(f"{name}: the uninterrupted reference run")
+    done = run(cmd(ref), c.env())
     if done.returncode != 0:
-        raise SystemExit(f"the reference training run failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"the reference {name} run failed:\n{done.stderr[-3000:]}")
     return ref
 
 
@@ -389,15 +407,8 @@ def crash_train(c: Campaign, ds: Path, verifier: Path, ref: Path, n: int) -> Non
         log(f"crash_train {i + 1}/{n}: {mode} {env.get('SPEC_TRAIN_KILL_AT', '')}")
         proc = subprocess.Popen(train_cmd(ds, verifier, out), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
-        if mode.startswith("outside"):
-            # 0-3 steps logged, then a moment within the next step (a step takes 0.1-1 s here)
-            after = c.rng.randint(0, 3)
-            deadline = time.monotonic() + 600
-            while proc.poll() is None and time.monotonic() < deadline and len(logged_steps(out)) < after:
-                time.sleep(0.005)
-            time.sleep(c.rng.uniform(0, 0.05))
-        else:
-            proc.wait(timeout=600)
+        # outside: 0-3 steps logged, then a moment within the next step (a step takes 0.1-1 s here)
+        _until_the_kill(c, proc, out, mode.startswith("outside"), 3, 0.05)
         r, killed_rc = _kill(c, proc, "crash_train", mode)
         if not _resumed(c, r, [*train_cmd(ds, verifier, out), "--resume"]):
             continue
@@ -424,16 +435,6 @@ def train_metrics(run_dir: Path) -> list[dict]:
     return [x for x in map(json.loads, lines) if x.get("split") == "train"]
 
 
-def reference_online(c: Campaign, target: Path, data: Path) -> Path:
-    ref = c.work / "ref-online"
-    shutil.rmtree(ref, ignore_errors=True)
-    log("train --online: the uninterrupted reference run")
-    done = run(online_cmd(target, data, ref), c.env())
-    if done.returncode != 0:
-        raise SystemExit(f"the reference online run failed:\n{done.stderr[-3000:]}")
-    return ref
-
-
 def crash_online(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> None:
     from spec_format.dataset import Dataset
 
@@ -445,7 +446,7 @@ def crash_online(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> No
         mode = ("capture killed", "outside, random moment", "mid-checkpoint-write")[(i + c.seed) % 3]
         out = c.work / f"online-crash-{i}"
         env = c.env()
-        if mode == "capture killed":  # before one of the first epoch's samples (all are sent)
+        if mode == "capture killed":  # before it sends one of its first n_cached samples (it sends more)
             env["SPEC_CAPTURE_KILL_AT"] = f"send:{c.rng.randint(1, n_cached)}"
         elif mode == "mid-checkpoint-write":
             env["SPEC_TRAIN_KILL_AT"] = f"checkpoint:{c.rng.choice([2, 4, 6])}"
@@ -455,17 +456,8 @@ def crash_online(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> No
         with open(log_path, "w") as f:
             proc = subprocess.Popen(online_cmd(target, data, out), stdout=subprocess.DEVNULL, stderr=f, env=env,
                                     start_new_session=True)  # fmt: skip
-        if mode.startswith("outside"):  # 0-4 steps logged (0: the engine may still be starting), 0-0.5 s more
-            after = c.rng.randint(0, 4)
-            deadline = time.monotonic() + 600
-            while proc.poll() is None and time.monotonic() < deadline and len(logged_steps(out)) < after:
-                time.sleep(0.01)
-            time.sleep(c.rng.uniform(0, 0.5))
-        else:
-            try:
-                proc.wait(timeout=600)
-            except subprocess.TimeoutExpired:
-                pass  # a hung trainer: killed below, and the trial fails
+        # outside: 0-4 steps logged (0: the engine may still be starting), then 0-0.5 s more
+        _until_the_kill(c, proc, out, mode.startswith("outside"), 4, 0.5)
         r, ended = _kill(c, proc, "crash_online", mode)
         stderr = log_path.read_text(errors="replace")
         # The capture process has a process group of its own (spec_train.online): after an outside kill of
@@ -891,10 +883,16 @@ def main() -> int:
         if "crash_datagen" in kinds and ref_ds is not None:
             crash_datagen(c, target, data, ref_ds, n)
         if "crash_online" in kinds and ref_ds is not None:
-            crash_online(c, target, data, reference_online(c, target, data), n)
+            crash_online(
+                c,
+                target,
+                data,
+                reference_run(c, "train --online", lambda o: online_cmd(target, data, o), "ref-online"),
+                n,
+            )
         ref_run = None
         if {"crash_train", "corruption", "full_disk"} & set(kinds):
-            ref_run = reference_train(c, ds, verifier)
+            ref_run = reference_run(c, "train", lambda o: train_cmd(ds, verifier, o), "ref-run")
         if "crash_train" in kinds:
             crash_train(c, ds, verifier, ref_run, n)
         if "corruption" in kinds:
