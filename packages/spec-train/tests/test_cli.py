@@ -92,3 +92,20 @@ def test_online_flags_resolve_and_wrong_combinations_are_one_line(captured, tmp_
     ):
         res = CliRunner().invoke(cli.train_command, [str(a) for a in [*args, "--out", tmp_path / "r"]])
         assert isinstance(res.exception, SpecError) and msg in str(res.exception), (args, res.output)
+
+
+def test_position_weights_default_by_algorithm_and_refuse_a_mix():
+    """D-PACE is DFlash's default (it measured better there), fixed weights EAGLE-3's and with
+    --step-weights; D-PACE with --step-weights, or an alpha outside (0, 1], is one clear error."""
+    from spec_format.errors import SpecError
+    from spec_train.config import check, position_weights
+
+    base = {"dataset": "ds", "out": "run"}
+    assert position_weights(TrainConfig(**base, algorithm="dflash")) == "dpace"
+    assert position_weights(TrainConfig(**base)) == "decay"
+    assert position_weights(TrainConfig(**base, algorithm="dflash", step_weights=[1, 1, 1])) == "decay"
+    assert position_weights(TrainConfig(**base, position_weights="dpace")) == "dpace"
+    for bad, msg in (({"position_weights": "dpace", "step_weights": [1, 1, 1]}, "--step-weights"),
+                     ({"dpace_alpha": 0.0}, "--dpace-alpha")):  # fmt: skip
+        with pytest.raises(SpecError, match=msg):
+            check(TrainConfig(**base, **bad))

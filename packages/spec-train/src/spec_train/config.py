@@ -80,10 +80,11 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "acceptance probability under sampling optimised directly (an LK-style loss).")] = "kl"
     step_weights: Annotated[list[float] | None, Help(
         "Loss weight per TTT step, comma-separated, normalised to sum to 1; default: 0.8**j.")] = None
-    position_weights: Annotated[Literal["decay", "dpace"], Help(
+    position_weights: Annotated[Literal["decay", "dpace"] | None, Help(
         "How the drafted depths share the loss: decay: fixed --step-weights; dpace: D-PACE, per draft chain "
         "from the draft's own confidence q in the verifier's top-1 token, depth j weighted "
-        "sum_{m>=j} prod_{i<=m} ((1-a) q_i + a) with a = --dpace-alpha (one more pass over the head).")] = "decay"
+        "sum_{m>=j} prod_{i<=m} ((1-a) q_i + a) with a = --dpace-alpha (one more pass over the head). "
+        "Default: dpace for --algorithm dflash, decay otherwise and with --step-weights (docs/training.md).")] = None
     dpace_alpha: Annotated[float, Help("D-PACE smoothing a in (0, 1] (1: fixed weights in proportion to the depths at and after j).")] = 0.5
     loss_chunk: Annotated[int, Help("Tokens per chunk of the [tokens x draft vocabulary] loss.")] = 1024
 
@@ -198,7 +199,7 @@ def check(cfg: TrainConfig) -> None:
         raise SpecError("--noise, --grad-clip and --weight-decay must not be negative")
     if not 0 < cfg.dpace_alpha <= 1:
         raise SpecError(f"--dpace-alpha must be in (0, 1], not {cfg.dpace_alpha}")
-    if cfg.position_weights == "dpace" and cfg.step_weights is not None:
+    if position_weights(cfg) == "dpace" and cfg.step_weights is not None:
         raise SpecError("--step-weights are the fixed weights of --position-weights decay; drop one of them")
     if cfg.step_weights is not None and (
         len(cfg.step_weights) != cfg.ttt_steps or min(cfg.step_weights) < 0 or sum(cfg.step_weights) <= 0
@@ -230,6 +231,15 @@ def check(cfg: TrainConfig) -> None:
         raise SpecError("--num-workers: online training reads the capture process's queue; use 0")
     if cfg.batch_tokens < 4:
         raise SpecError("--batch-tokens must be at least 4 (a row must hold a token and what it predicts)")
+
+
+def position_weights(cfg: TrainConfig) -> str:
+    """How the depths share the loss (--position-weights): D-PACE by default for DFlash, where it raised
+    held-out acceptance on the quick start's data; fixed weights for EAGLE-3 and P-EAGLE, where it did not
+    (docs/algorithms/dflash.md)."""
+    if cfg.position_weights is not None:
+        return cfg.position_weights
+    return "dpace" if cfg.algorithm == "dflash" and cfg.step_weights is None else "decay"
 
 
 def step_weights(cfg: TrainConfig) -> list[float]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from spec_train.algorithms import get_algorithm
+from spec_train.config import position_weights
 from spec_train.targets import VerifierHead
 
 
@@ -202,7 +203,7 @@ class Objective(nn.Module):
         if scale is None:
             scale = torch.ones(self.steps, device=device)
         dpace = (
-            self.cfg.dpace_alpha if self.cfg is not None and self.cfg.position_weights == "dpace" else None
+            self.cfg.dpace_alpha if self.cfg is not None and position_weights(self.cfg) == "dpace" else None
         )
         return chunked_loss(
             normed, self.draft.lm_head.weight, self.head.normed(batch["last"]), self.head, valid,

@@ -200,11 +200,13 @@ def train(cfg: TrainConfig) -> Path:
     pad = row_pad_multiple(d.device, dtype)
     weights = config_mod.step_weights(cfg)  # the logged loss's mix of the steps' losses
     # What scales each step's loss: the fixed weights, or 1 where D-PACE weighs every chain's slots itself.
-    scale_weights = weights if cfg.position_weights == "decay" else [1.0] * cfg.ttt_steps
+    dpace = config_mod.position_weights(cfg) == "dpace"
+    scale_weights = [1.0] * cfg.ttt_steps if dpace else weights
     d.say(f"{len(split.train)} training samples ({int(lengths[split.train].sum())} tokens, "
             f"{len(first)} rows of <= {cfg.batch_tokens} tokens per epoch), {len(split.val)} validation samples; "
             f"{total} steps of {G} rows, warmup {warmup}, draft vocabulary {draft.spec.draft_vocab}, "
-            f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} compute")  # fmt: skip
+            f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} compute, depth weights "
+            f"{f'D-PACE (alpha {cfg.dpace_alpha})' if dpace else ', '.join(f'{w:.2f}' for w in weights)}")  # fmt: skip
 
     # --- model
     draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
