@@ -120,18 +120,16 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def kill_group(pgid: int, proc: subprocess.Popen | None = None) -> None:
-    """SIGKILL process group `pgid` (a command started with start_new_session is one, vLLM's engine with
-    it) and wait until it is empty; `proc`, the command itself, is reaped first (a zombie stays a member)."""
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of a command started with start_new_session (vLLM's engine with it)."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    if proc is not None:
-        proc.wait()
+    proc.wait()
     for _ in range(100):
         try:
-            os.killpg(pgid, 0)
+            os.killpg(proc.pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
@@ -251,9 +249,14 @@ def same_state(a: dict, b: dict) -> bool:
     )
 
 
-def logged_steps(run: Path) -> list[int]:
+def train_metrics(run: Path) -> list[dict]:
+    """The run's logged training steps (metrics.jsonl's "train" lines; none before the first)."""
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    return [x["step"] for x in map(json.loads, lines) if x.get("split") == "train"]
+    return [x for x in map(json.loads, lines) if x.get("split") == "train"]
+
+
+def logged_steps(run: Path) -> list[int]:
+    return [x["step"] for x in train_metrics(run)]
 
 
 def steps_lost_duplicated(run: Path, total: int) -> tuple[int, int]:
@@ -299,7 +302,7 @@ def _kill(c: Campaign, proc: subprocess.Popen, kind: str, mode: str) -> tuple[Ro
     """Kill the run's process group and count the trial: (its row, the exit code the run had already
     ended with, None where the kill landed while it ran)."""
     ended = proc.poll()
-    kill_group(proc.pid, proc)
+    kill_group(proc)
     r = c.row(kind, mode)
     r.trials += 1
     return r, ended
@@ -430,13 +433,9 @@ def online_cmd(target: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--cache", str(out / "cache"), "--samples-per-shard", "3", *TRAIN, *extra]  # fmt: skip
 
 
-def train_metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [x for x in map(json.loads, lines) if x.get("split") == "train"]
-
-
 def crash_online(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> None:
     from spec_format.dataset import Dataset
+    from spec_train.online import kill_capture_group
 
     def weights(run_dir: Path) -> dict:  # the fp32 training weights of the last checkpoint
         return {k: v for k, v in final_state(run_dir).items() if k.startswith("w:")}
@@ -460,10 +459,10 @@ def crash_online(c: Campaign, target: Path, data: Path, ref: Path, n: int) -> No
         _until_the_kill(c, proc, out, mode.startswith("outside"), 4, 0.5)
         r, ended = _kill(c, proc, "crash_online", mode)
         stderr = log_path.read_text(errors="replace")
-        # The capture process has a process group of its own (spec_train.online): after an outside kill of
-        # the run's group it stops by itself; make sure it and its engine are gone before the resume.
+        # The capture process has a process group of its own: after an outside kill of the run's group it
+        # stops by itself; make sure it and its engine are gone before the resume, as the trainer would.
         for pid in re.findall(r"capture process (\d+) is feeding", stderr):
-            kill_group(int(pid))
+            kill_capture_group(int(pid))
         line = last_line(stderr)
         if mode == "capture killed":
             r.message = line.replace(str(c.work), "DIR")[:200]

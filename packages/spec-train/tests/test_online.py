@@ -116,7 +116,11 @@ def runs(demo_model, spec_cli, run_train, tmp_path_factory) -> Runs:
             f"the online run did not stop after its capture died:\n{proc.communicate()[1]}"
         ) from None
     killed = subprocess.CompletedProcess(online, proc.returncode, out, err)
-    leftover = session_members(proc.pid)  # the run's own session: its capture process and engine included
+    # The run's own session: its capture process and engine included. multiprocessing's resource tracker
+    # may take a moment to exit after the trainer; an orphaned engine stays for good.
+    deadline = time.monotonic() + 10
+    while (leftover := session_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     resumed = run_train(online[3:] + ["--resume"], timeout=900)
     return Runs(str(tmp / "offline"), str(tmp / "online"), str(tmp / "cache"), killed, leftover, resumed.stderr,
                 datagen.stderr)  # fmt: skip

@@ -26,6 +26,7 @@ import queue as queue_mod
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -218,10 +219,9 @@ def capture_main(target, data, layer_ids, max_len, long, jobs, out, cache, cache
 
 def kill_capture_group(pid: int) -> None:
     """Stop what is left of capture process `pid`'s process group (its engine processes): SIGTERM, which
-    lets them release their shared memory (else the resource tracker warns at exit), SIGKILL after 10 s."""
-    import time
-
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    lets them release their shared memory (else the resource tracker warns at exit), SIGKILL after 10 s;
+    returns once the group is empty (or 5 s after the SIGKILL)."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
