@@ -262,7 +262,8 @@ def _print_summary(result: dict) -> None:
     type=click.FloatRange(min=5),
     default=20.0,
     show_default=True,
-    help="Rough time budget on a 2-core CPU; more minutes = more data and training (e.g. 60).",
+    help="Rough time budget on a 2-core CPU with AMX (bf16 training); an AVX2-only CPU takes about 1.7x as "
+    "long (docs/eval.md). More minutes = more data and training (e.g. 60).",
 )
 @click.option("--algorithm", type=click.Choice(BUILTIN), default="eagle3", show_default=True, help="The draft to train (spec train --algorithm).")  # fmt: skip
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
