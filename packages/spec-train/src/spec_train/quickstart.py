@@ -27,8 +27,9 @@ from spec_format.errors import SpecError
 
 
 class Plan(msgspec.Struct, forbid_unknown_fields=True):
-    """Sizes of each stage. The defaults fit ~20 minutes on a 2-core CPU; `scaled` stretches them;
-    `spec quickstart --plan FILE` (hidden: the test suite's tiny run) reads them from JSON."""
+    """Sizes of each stage. The defaults fit ~20 minutes on a 2-core CPU with AMX (about 1.7x that
+    without); `scaled` stretches them; `spec quickstart --plan FILE` (hidden: the test suite's tiny run)
+    reads them from JSON."""
 
     prompts: int = 320  # synthesised training prompts (each with the target's reply)
     reply_tokens: int = 192  # longest reply
