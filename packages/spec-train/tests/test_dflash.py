@@ -8,6 +8,7 @@ import json
 import signal
 
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load_file
 
@@ -18,6 +19,7 @@ FAST = ["--draft-vocab-size", "256", "--batch-tokens", "160", "--no-progress", "
         "--algorithm", "dflash", "--ttt-steps", "3", "--max-anchors", "16"]  # fmt: skip
 
 
+@pytest.mark.e2e  # three training subprocesses (the quick loop has none)
 def test_train_resume_and_layers(ds, verifier, tmp_path, run_train):
     args = [
         str(ds),
@@ -50,6 +52,7 @@ def test_train_resume_and_layers(ds, verifier, tmp_path, run_train):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # same anchors, same steps
 
 
+@pytest.mark.e2e
 def test_bad_input(ds, verifier, tmp_path, run_train, capture_dataset):
     out = ["--out", str(tmp_path / "run")]
     one = capture_dataset(

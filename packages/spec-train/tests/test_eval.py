@@ -2,7 +2,7 @@
 starts, --write-k. The k sweep in vLLM, its --write-k and its charts: test_e2e.py (on a trained P-EAGLE
 draft).
 
-Engine starts: the shared plain target (key "plain") for the lossless check.
+Engine starts: none in this process; the bad-input tests check that spec eval starts none either.
 """
 
 from __future__ import annotations
@@ -42,30 +42,14 @@ def prompt_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.e2e
-def test_lossless_check_finds_the_first_altered_token(vllm_engine, demo_model):
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    prompts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-        for p in HELD_OUT
-    ]
-    outs = vllm_engine("plain", demo_model).generate(
-        [{"prompt_token_ids": list(p)} for p in prompts],
-        SamplingParams(temperature=0, max_tokens=24),
-        use_tqdm=False,
-    )
-    reference = [list(o.outputs[0].token_ids) for o in outs]
-    assert all(len(r) >= 8 for r in reference)
+def test_lossless_check_finds_the_first_altered_token():
+    # first_difference and find_mismatches are pure: token lists of the shape greedy outputs have suffice.
+    reference = [[(7 * i + 3 * j) % 50 + 1 for j in range(24)] for i in range(3)]
     assert first_difference(reference, [list(r) for r in reference]) is None
 
     altered = [list(r) for r in reference]
-    altered[1][5] = (altered[1][5] + 1) % tok.vocab_size
-    altered[2][3] = (altered[2][3] + 1) % tok.vocab_size  # a later prompt: the first one is reported
+    altered[1][5] += 1
+    altered[2][3] += 1  # a later prompt: the first one is reported
     assert first_difference(reference, altered) == (1, 5)
     shorter = [list(r) for r in reference]
     shorter[0] = shorter[0][:7]  # output that stops early differs where it stops

@@ -208,18 +208,23 @@ def datagen(
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
-    check_target(target, method="extract_hidden_states")  # before anything is written or started
     n = read_model_config(target)["num_hidden_layers"]
-    # Validated before the engine starts (a minute) so that a typo fails at once.
+    # Validated before the engine starts (a minute) so that a typo fails at once; the cheap checks come
+    # before the pairing check, which imports vLLM (10 s).
     layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)
     ctx = click.get_current_context()
     layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
+    jobs = []
     if data_parallel_size > 1:
-        from spec_datagen.parallel import data_parallel_jobs, run_jobs, visible_devices
+        from spec_datagen.parallel import data_parallel_jobs, visible_devices
 
         jobs = data_parallel_jobs(
             shard_index, num_shards, data_parallel_size, tensor_parallel_size, visible_devices()
         )
+    check_target(target, method="extract_hidden_states")  # before anything is written or started
+    if jobs:
+        from spec_datagen.parallel import run_jobs
+
         skip = {"shard_index", "num_shards", "data_parallel_size"}  # each job gets its own shard
         raise click.exceptions.Exit(run_jobs(jobs, _command_line(ctx, skip, layers=layers)))
     # The manifest records what decides the dataset's content (layers spelled out, so not --algorithm), not

@@ -84,12 +84,24 @@ def default_context(model: str | os.PathLike, cap: int = 4096) -> int:
 # `spec` command run from a process that chose in-process engines (the test suite) does not take that
 # choice for the user's: its capture engine would then start in-process and hang.
 _OURS = "SPEC_SET_VLLM_MULTIPROCESSING"
-_USER_MULTIPROCESSING = None if os.environ.get(_OURS) else os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def user_multiprocessing(environ) -> str | None:
+    """VLLM_ENABLE_V1_MULTIPROCESSING as the user set it in `environ`, None where unset or ours."""
+    return None if environ.get(_OURS) else environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+_USER_MULTIPROCESSING = user_multiprocessing(os.environ)  # read once: we overwrite the variable later
+
+
+def engine_process_value(in_process: bool, capture: bool, user: str | None) -> str:
+    """VLLM_ENABLE_V1_MULTIPROCESSING for the next engine: "1" (its own process) for a capture engine (KV
+    connector; it hangs in-process), else the user's choice, else "0" where we asked for in-process."""
+    return "1" if capture else (user or ("0" if in_process else "1"))
 
 
 def _choose_engine_process(in_process: bool, capture: bool) -> None:
-    """Run the next engine in this process or in its own, as vLLM does by default; a capture engine (KV
-    connector) always in its own, where the user's choice otherwise stands.
+    """Run the next engine in this process or in its own (engine_process_value).
 
     OMP_NUM_THREADS keeps torch on every core in-process: vLLM otherwise cuts the serving process to one
     thread, which is then the worker itself.
@@ -97,7 +109,7 @@ def _choose_engine_process(in_process: bool, capture: bool) -> None:
     import vllm.envs as envs
 
     envs.disable_envs_cache()  # an earlier engine in this process froze the variables; re-read them
-    value = "1" if capture else (_USER_MULTIPROCESSING or ("0" if in_process else "1"))
+    value = engine_process_value(in_process, capture, _USER_MULTIPROCESSING)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = value
     os.environ[_OURS] = "1"
     if value == "0":
