@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from spec_datagen.cli import DataPath
 from spec_format.cli import comma_separated
 from spec_train.algorithms import BUILTIN
 
@@ -290,7 +291,7 @@ _CLICK_TYPES = {
     "init_from": click.Path(exists=True, file_okay=False),
     "out": click.Path(file_okay=False),
     "online": click.Path(exists=True, file_okay=False),
-    "data": click.Path(exists=True, dir_okay=False),
+    "data": DataPath(),  # files, or hf: datasets (spec_datagen.hub)
     "algorithm": click.Choice(BUILTIN),
 }
 
