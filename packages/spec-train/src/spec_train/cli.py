@@ -191,6 +191,7 @@ def eval_cmd(
         result = msgspec.to_builtins(evaluation)
     if report is not None:
         write_report(result, report, f"{Path(draft_dir).name}, k={result['k']}")
+    _write_card(draft_dir, result, sources)
     if out is not None:
         out.write(json.dumps(result) + "\n")
         out.flush()
@@ -200,6 +201,14 @@ def eval_cmd(
         if i == 0 and not allow_mismatch:  # the report above is written first: nothing measured is lost
             raise SpecError(message)
         print(f"warning: {message}", file=sys.stderr)
+
+
+def _write_card(draft_dir: Path, result: dict, sources) -> None:
+    """The draft's README.md with this evaluation's table (spec_format.model_card)."""
+    from spec_format.model_card import write_card
+    from spec_train.hardware import describe
+
+    write_card(draft_dir, {**result, "prompts": list(sources), "hardware": describe()})
 
 
 def _stdout_for_json():
