@@ -152,6 +152,17 @@ def test_bad_sources_are_one_line(hub_dir, source, message):
         resolve("hf:" + source.format(d=hub_dir))
 
 
+def test_without_the_datasets_package_hf_sources_say_how_to_install_it(hub_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(
+        SpecError,
+        match=r"^hf:\S+: reading Hub datasets needs the `datasets` package: pip install 'spec-datagen\[datasets\]'$",
+    ):
+        list(read_conversations(f"hf:{hub_dir}"))
+
+
 def test_a_loading_script_or_missing_column_is_refused(hub_dir, tmp_path):
     script = tmp_path / "scripted"
     script.mkdir()
@@ -186,6 +197,25 @@ def test_datagen_lists_presets_without_a_target(spec_cli):
     assert done.returncode == 0, done.stderr
     names = [line.split()[0] for line in done.stdout.splitlines()]
     assert names == list(PRESETS)
+
+
+@pytest.mark.parametrize("command", ["datagen", "regenerate"])
+def test_a_bad_hub_source_stops_before_the_engine(command, hub_dir, tiny_model, tmp_path, spec_cli):
+    import os
+
+    log = tmp_path / "engine-starts.log"
+    argv = [spec_cli, command, str(tiny_model("llama")), "--data", f"hf:{hub_dir}::validation",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "SPEC_ENGINE_LOG": str(log)}
+    )
+    assert done.returncode == 1 and not log.exists()
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: hf:{hub_dir}::validation: Bad split: validation.")
+    )
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.e2e

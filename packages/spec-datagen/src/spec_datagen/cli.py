@@ -260,6 +260,7 @@ def datagen(
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
+    sources = [resolve(d, seed) if is_hub(d) else d for d in data]  # id, config, split, revision; or one line
     check_target(target, method="extract_hidden_states")  # before anything is written or started
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
@@ -286,8 +287,6 @@ def datagen(
         "algorithm",
     }
     argv = ["spec", "datagen", *_command_line(ctx, how, layers=layers)]
-    # Hub sources resolved (id, config, split, revision) and held-out sets read before the engine starts.
-    sources = [resolve(d, seed) if is_hub(d) else d for d in data]
     held_sets = (
         default_sets() if held_out is None else [s for s in held_out.split(",") if s not in ("", "none")]
     )
@@ -423,6 +422,7 @@ def regenerate(
     """
     from pathlib import Path
 
+    from spec_datagen.hub import is_hub, resolve
     from spec_datagen.regenerate import Regenerator, default_sampling, write_regenerated
     from spec_datagen.runtime import default_context
 
@@ -433,6 +433,7 @@ def regenerate(
     )
     if Path(out).exists() and not resume:  # before the engine starts (a minute)
         raise click.UsageError(f"{out} already exists; pass --resume to continue it, or remove it")
+    sources = [resolve(d) if is_hub(d) else d for d in data]  # hf: problems too, before the engine
     with Regenerator(
         target,
         sampling=sampling,
@@ -442,7 +443,7 @@ def regenerate(
         engine_kwargs=extra_engine,
     ) as regen:
         summary = write_regenerated(
-            regen, list(data), out, resume=resume, max_rows=max_rows, on_error=on_error, progress=progress
+            regen, sources, out, resume=resume, max_rows=max_rows, on_error=on_error, progress=progress
         )
     for line in summary.lines():
         click.echo(line)
