@@ -8,8 +8,9 @@
                                                  through `datasets` as a Hub id, for air-gapped machines
 
 With one part after the id, it is the config when the dataset has a config of that name, else the split.
-The split defaults to "train". $SPEC_HUB_DIR, when set, is searched first for ORG/NAME (a local mirror of
-Hub datasets: presets and ids then load from it, offline).
+The split defaults to "train". A name is looked up as a local directory, then as ORG/NAME under
+$SPEC_HUB_DIR (a local mirror of Hub datasets: presets and ids then load from it, offline), then as a
+preset, then on the Hub.
 
 Rows are streamed (`datasets.load_dataset_builder(...).as_streaming_dataset`), so a 200k-row set is never
 held whole; `seed` shuffles them reproducibly (the order of the data files, then a buffer of
@@ -31,7 +32,6 @@ from spec_format.errors import SpecError
 
 PREFIX = "hf:"
 SHUFFLE_BUFFER = 10_000
-LAYOUTS = ("messages", "sharegpt", "prompt_completion")
 
 
 class Preset(msgspec.Struct, frozen=True, kw_only=True):
