@@ -208,7 +208,10 @@ def _write_card(draft_dir: Path, result: dict, sources) -> None:
     from spec_format.model_card import write_card
     from spec_train.hardware import describe
 
-    write_card(draft_dir, {**result, "prompts": list(sources), "hardware": describe()})
+    try:
+        write_card(draft_dir, {**result, "prompts": list(sources), "hardware": describe()})
+    except OSError as e:  # a read-only draft: the measurements are reported all the same
+        print(f"warning: {Path(draft_dir) / 'README.md'} not written ({e.strerror})", file=sys.stderr)
 
 
 def _stdout_for_json():
