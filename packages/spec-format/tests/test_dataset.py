@@ -756,3 +756,27 @@ def test_kill_while_committing_a_shard_then_resume(tmp_path, where):
     assert p.wait(timeout=120) == 0
     assert contents(Dataset(out)) == contents(Dataset(tmp_path / "ref"))
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
+
+
+def test_the_data_record_is_kept_across_resume_and_jobs_and_optional(tmp_path):
+    """DatasetManifest.data (where rows came from, held-out rows dropped): written with each commit, kept
+    on resume, summed over jobs; a manifest without it reads as before."""
+    from spec_format.dataset import DataInfo, DataSource
+
+    info = DataInfo(sources=[DataSource(source="hf:org/x", dataset_id="org/x", split="train", revision="ab12")],
+                    held_out=["chat"], held_out_dropped=0)  # fmt: skip
+    with writer(tmp_path / "a", data=info) as w:
+        add_row(w, 0)
+        w.set_data(msgspec.structs.replace(info, held_out_dropped=2))
+    assert Dataset(tmp_path / "a").manifest.data == msgspec.structs.replace(info, held_out_dropped=2)
+    with writer(tmp_path / "a", data=DataInfo(), resume=True) as w:  # resuming keeps the directory's record
+        assert w.manifest.data.held_out_dropped == 2
+        w.set_data(msgspec.structs.replace(w.manifest.data, held_out_dropped=3))  # no sample after: at close
+    assert describe_dataset(tmp_path / "a")["data"]["held_out_dropped"] == 3
+    for j in range(2):
+        with writer(tmp_path / "b", data=info, shard_index=j, num_shards=2) as w:
+            add_row(w, j)
+            w.set_data(msgspec.structs.replace(info, held_out_dropped=j + 1))
+    assert Dataset(tmp_path / "b").manifest.data.held_out_dropped == 3
+    m = write(tmp_path / "c", range(3))
+    assert m.data is None and Dataset(tmp_path / "c").manifest.data is None

@@ -83,6 +83,9 @@ def test_quickstart_runs_every_stage_and_reports(quickstart, demo_model, series)
     assert len(per) == 3 and all(a >= b for a, b in zip(per, per[1:])), per  # position i needs i-1
     assert draft["mean_acceptance_length"] == pytest.approx(1 + sum(per))
     assert 1.1 < draft["mean_acceptance_length"] <= 4.0, draft
+    # the draft's model card carries this eval's figures (test_model_card.py checks every one)
+    card = (out / "draft" / "README.md").read_text()
+    assert f"**{draft['mean_acceptance_length']:.3f}**" in card and "| Optimiser steps |" in card
     npos = ngram["acceptance_per_position"]  # n-gram speculation ran beside the draft, same k
     assert len(npos) == 3 and all(a >= b for a, b in zip(npos, npos[1:])), npos
     for entry in (report["baseline"], draft, ngram):  # the plan's prompts and token budget reached vLLM

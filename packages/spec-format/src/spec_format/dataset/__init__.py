@@ -19,13 +19,22 @@ from spec_format.dataset.encoding import (
     encode_fp8,
     float32_to_e4m3,
 )
-from spec_format.dataset.manifest import DatasetManifest, ExtraSpec, ShardInfo, TokenCounts
+from spec_format.dataset.manifest import (
+    DataInfo,
+    DatasetManifest,
+    DataSource,
+    ExtraSpec,
+    ShardInfo,
+    TokenCounts,
+)
 from spec_format.dataset.merge import merge_datasets
 from spec_format.dataset.reader import Dataset, RawSample, Sample
 from spec_format.dataset.writer import DatasetWriter
 
 __all__ = [
     "Dataset",
+    "DataInfo",
+    "DataSource",
     "DatasetManifest",
     "DatasetWriter",
     "ExtraSpec",

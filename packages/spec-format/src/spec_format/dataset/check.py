@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from spec_format.dataset.reader import Dataset
@@ -101,6 +102,7 @@ def describe_dataset(path: str | Path) -> dict:
         "extras": {n: f"{s.dtype}[T,{','.join(map(str, s.shape))}]" for n, s in m.extras.items()},
         "distinct_supervised_tokens": len(m.token_frequencies.ids),
         "command": m.command,
+        "data": msgspec.to_builtins(m.data) if m.data is not None else None,  # sources, held-out rows dropped
         "created": m.created,
         "updated": m.updated,
     }

@@ -63,6 +63,26 @@ class TokenCounts(msgspec.Struct):
         return TokenCounts(ids.tolist(), counts[ids].tolist())
 
 
+class DataSource(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One --data source as given; for a Hub dataset (`hf:`) also what `datasets` resolved."""
+
+    source: str
+    dataset_id: str | None = None  # the Hub id (a local directory in the Hub's layout: its path)
+    config: str | None = None
+    split: str | None = None
+    revision: str | None = None  # the commit the Hub resolved (None for a local directory)
+    seed: int | None = None  # rows shuffled with this seed (spec datagen --seed)
+
+
+class DataInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Where the rows came from. Optional: datasets written before it have none."""
+
+    sources: list[DataSource] = []
+    max_samples: int | None = None  # rows of each job's share taken (spec datagen --max-samples)
+    held_out: list[str] = []  # evaluation sets whose near-duplicates were kept out of the data
+    held_out_dropped: int = 0  # rows dropped as near-duplicates of them (before the last committed sample)
+
+
 class DatasetManifest(msgspec.Struct, kw_only=True):
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -84,6 +104,7 @@ class DatasetManifest(msgspec.Struct, kw_only=True):
     num_bytes: int = 0
     token_frequencies: TokenCounts = msgspec.field(default_factory=TokenCounts)
     command: str = ""  # what made the dataset, as the caller gave it
+    data: DataInfo | None = None  # where its rows came from (spec datagen writes it)
     created: str = ""  # ISO 8601 UTC
     updated: str = ""
 
@@ -213,8 +234,13 @@ def union(parts: list[DatasetManifest], base: DatasetManifest) -> DatasetManifes
         for i, c in zip(p.token_frequencies.ids, p.token_frequencies.counts, strict=True):
             freq[i] = freq.get(i, 0) + c
     ids = sorted(freq)
+    data = base.data
+    if data is not None:  # every job drops its own share's held-out rows
+        dropped = sum(p.data.held_out_dropped for p in parts if p.data is not None)
+        data = msgspec.structs.replace(data, held_out_dropped=dropped)
     return msgspec.structs.replace(
         base,
+        data=data,
         extras=extras,
         shards=shards,
         num_samples=sum(s.num_samples for s in shards),

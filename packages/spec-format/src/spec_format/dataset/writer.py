@@ -24,6 +24,7 @@ import numpy as np
 from spec_format.dataset.encoding import COMPRESSIONS, DTYPES, compress, encode_hidden
 from spec_format.dataset.manifest import (
     MANIFEST,
+    DataInfo,
     DatasetManifest,
     ExtraSpec,
     ShardInfo,
@@ -69,6 +70,7 @@ class DatasetWriter:
         num_shards: int = 1,
         resume: bool = False,
         command: str = "",
+        data: DataInfo | None = None,
         zstd_level: int = 1,
         ordered: bool = True,
     ):
@@ -113,6 +115,7 @@ class DatasetWriter:
             num_jobs=num_shards,
             job_index=shard_index,
             command=command,
+            data=data,
             created=now,
             updated=now,
         )
@@ -126,6 +129,7 @@ class DatasetWriter:
         except BaseException:
             self._unlock()
             raise
+        self._data = self._manifest.data  # set_data() changes it; written with the next commit
         self._extras_fixed = bool(self._manifest.shards)
         self._committed_counts = self._manifest.token_frequencies.dense(self._vocab_size)
         self._reset_shard_stats()
@@ -236,6 +240,11 @@ class DatasetWriter:
     def manifest(self) -> DatasetManifest:
         """This job's committed manifest (for n jobs: its part; Dataset(path).manifest is the union)."""
         return self._manifest
+
+    def set_data(self, data: DataInfo | None) -> None:
+        """Replace the manifest's account of where the rows came from (e.g. its held-out count): written with
+        the next committed shard, or at close."""
+        self._data = data
 
     def _reset_shard_stats(self) -> None:
         self._pending_counts = np.zeros(self._vocab_size, dtype=np.int64)
@@ -394,6 +403,7 @@ class DatasetWriter:
             num_supervised=m.num_supervised + info.num_supervised,
             num_bytes=m.num_bytes + info.num_bytes,
             token_frequencies=TokenCounts.from_dense(counts),
+            data=self._data,
             updated=_now(),
         )
         write_atomic(self.path / self._own_name, encode(self._manifest), f".{self._own_name}.tmp")
@@ -407,6 +417,9 @@ class DatasetWriter:
         try:
             if self._shard is not None:
                 self._commit_shard()
+            elif self._data != self._manifest.data:  # e.g. held-out rows after the last sample
+                self._manifest = msgspec.structs.replace(self._manifest, data=self._data, updated=_now())
+                write_atomic(self.path / self._own_name, encode(self._manifest), f".{self._own_name}.tmp")
         except OSError as e:
             raise self._io_error(e) from None
         finally:
