@@ -86,3 +86,19 @@ def test_training_charts_tick_whole_steps_and_keep_positions_apart():
     assert lines[2][2] == [r["acceptance"][2] for r in val]
     assert drawn(length)[0][2] == [r["acceptance_length"] for r in val]
     assert [x[0] for x in drawn(loss)] == ["train", "validation"]
+
+
+def test_speed_chart_ticks_every_k_it_draws():
+    from spec_train.evaluate import speed_figure
+
+    def at(tps):
+        return {"1": {"tokens_per_second": tps, "tokens_per_second_spread": 1.0}}
+
+    report = {"per_k": [{"k": 2, "per_concurrency": at(50.0)}, {"k": 3, "per_concurrency": at(55.0)}],
+              "ngram": {"k": 4, "runs": [{"concurrency": 1, "tokens_per_second": 40.0}]},
+              "baseline": {"runs": [{"concurrency": 1, "tokens_per_second": 30.0}]}}  # fmt: skip
+    ax = speed_figure(report, "t").axes[0]
+    assert list(ax.get_xticks()) == [2, 3, 4]  # n-gram's k = 4 beside the draft's 2 and 3
+    assert [x[:3] for x in drawn(ax)] == [("draft, concurrency 1", [2, 3], [50.0, 55.0]),
+                                          ("target alone, concurrency 1", [2, 3], [30.0, 30.0]),
+                                          ("n-gram, concurrency 1", [4], [40.0])]  # fmt: skip

@@ -453,7 +453,8 @@ def speed_figure(report: dict, title: str):
     vertical bars span each point's spread over rounds."""
     fig, ax = _axes()
     ks = [p["k"] for p in report["per_k"]]
-    lo, hi = min(ks + [report["ngram"]["k"]] if report.get("ngram") else ks), max(ks)
+    ngram_k = [report["ngram"]["k"]] if report.get("ngram") else []
+    lo, hi = min(ks + ngram_k), max(ks)
     for c in sorted(report["per_k"][0]["per_concurrency"], key=int):
         ys = [p["per_concurrency"][c]["tokens_per_second"] for p in report["per_k"]]
         spread = [p["per_concurrency"][c]["tokens_per_second_spread"] for p in report["per_k"]]
@@ -486,7 +487,7 @@ def speed_figure(report: dict, title: str):
                 label=f"n-gram, concurrency {c}",
             )
     ax.set(xlabel="k (draft tokens per step)", ylabel="output tokens/s (median)", title=title)
-    ax.set_xticks(sorted(set(ks)))
+    ax.set_xticks(sorted({*ks, *ngram_k}))
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     return fig
