@@ -3,7 +3,9 @@
 
 import subprocess
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,28 @@ def test_every_variant_flag_is_a_spec_train_option(tool, spec_cli):
     )
     missing = [f for f in sorted(flags) if f"{f} " not in help_text and f"{f}\n" not in help_text]
     assert not missing, missing
-    assert tool.VARIANTS["base"] == ("the quick start's recipe", {}, None)
+
+
+def test_base_flags_are_what_the_quick_start_trains_with(tool, tmp_path, monkeypatch):
+    """The "base" variant claims the quick start's recipe: its flags are those spec_train.quickstart.run
+    passes to `spec train` (read from the command it would run, stopped there)."""
+    from spec_train import quickstart
+
+    class Stop(Exception):
+        pass
+
+    def stage(name, marker, argv):
+        if name == "train":
+            raise Stop(argv)
+
+    monkeypatch.setattr(quickstart, "_stage", stage)
+    with pytest.raises(Stop) as e:
+        quickstart.run(tmp_path, plan=tool.Plan())
+    argv = e.value.args[0]
+    given = {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--") and i + 1 < len(argv)}
+    flags = tool.base_flags(tool.Plan())
+    assert {f: given.get(f) for f in flags} == flags
+    assert tool.VARIANTS["base"][1:] == ({}, None)  # no change, the plan's samples
 
 
 def test_cost_columns_are_the_pools_seconds_pro_rata(tool):
@@ -46,6 +69,11 @@ def test_cached_heldout_measurement_is_the_offline_simulation(tool, random_eagle
         assert got[name]["drafts"] == want.counters.drafts > 0
         assert got[name]["per_position"] == want.counters.acceptance_per_position
         assert got[name]["mean_acceptance_length"] == want.mean_acceptance_length
-        assert 0 < got[name]["coverage"] <= 1
+        # the share of the target's continuation tokens that the draft's vocabulary holds (d2t from its file)
+        d2t = load_file(str(draft / "model.safetensors"))["d2t"]
+        vocab = set((np.arange(len(d2t)) + d2t).tolist())
+        tokens = [t for c in held.sets[name]["continuations"] for t in c]
+        assert got[name]["coverage"] == pytest.approx(sum(t in vocab for t in tokens) / len(tokens))
+        assert got[name]["coverage"] < 1  # a 1024-token vocabulary: some tokens fall outside
     again = tool.HeldOut(demo_model, tmp_path, num_prompts=2, max_tokens=24)  # from the cache file
     assert again.sets == held.sets

@@ -26,7 +26,9 @@ Kinds of trial (every count is at least --trials; --only picks kinds):
                  model.safetensors and its training state; detected by `spec validate --deep`, by the
                  reader (opening and reading every sample) and by --resume (state.load_checkpoint, what
                  `spec train --resume` runs). A silent acceptance is a damaged file that the check meant
-                 for it (validate for datasets and speculator files, --resume for training state) accepts.
+                 for it (validate for datasets and speculator files, --resume for training state) accepts;
+                 a detection counts only as one line naming the damaged file, and every check must first
+                 accept an undamaged copy of the dataset and of the checkpoint (the controls).
   full_disk      capture and training into a small tmpfs (mounted here: needs root, else skipped with a
                  message): datagen's disk check refuses before the engine; with --force, writing stops with
                  one line and the committed shards stay; training stops with one line at the checkpoint
@@ -530,53 +532,74 @@ def _catch(fn) -> tuple[bool, str, bool]:
     return False, "", False
 
 
-def corruption(c: Campaign, ds: Path, run_dir: Path, n: int) -> None:
+def _checks(what: str, copy: Path) -> dict:
+    """The checks a copy of a dataset or a checkpoint meets: name -> a function that raises on damage."""
     from spec_format.dataset import Dataset, validate_dataset
     from spec_format.validate import validate_checkpoint
     from spec_train import state
 
+    if what == "dataset":
+
+        def read_all():
+            d = Dataset(copy)
+            for i in range(len(d)):
+                d[i]
+
+        return {"validate --deep": lambda: _raise_if(validate_dataset(copy, deep=True)), "reader": read_all}
+    return {"validate --deep": lambda: _raise_if(validate_checkpoint(copy).errors),
+            "--resume": lambda: state.load_checkpoint(copy)}  # fmt: skip
+
+
+def corruption(c: Campaign, ds: Path, run_dir: Path, n: int) -> None:
     step = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    sources = {"dataset": ds, "checkpoint": step}
+    copy = c.work / "corrupt"
+    # The controls: a check that refused everything would "detect" every fault below, so each check must
+    # accept an undamaged copy first.
+    for what, src in sources.items():
+        r = c.row("corruption", f"undamaged {what}")
+        r.trials += 1
+        _linked_copy(src, copy)
+        refused = {}
+        for check, fn in _checks(what, copy).items():
+            detected, message, tb = _catch(fn)
+            r.tracebacks += tb
+            if detected:
+                refused[check] = message.replace(str(copy), "DIR")
+        r.ok += not refused
+        r.detail = f"refused by {refused}"[:300] if refused else "every check accepts it"
     shards = sorted(p.name for p in ds.iterdir() if p.suffix == ".bin")
     targets = [("dataset", "manifest.json"), ("dataset", "shard")] + [
         ("checkpoint", name) for name in ("config.json", "model.safetensors", "training/weights.safetensors",
                                           "training/optimizer.safetensors", "training/state.json", "training/rng.json")
     ]  # fmt: skip
     for what, name in targets:
+        meant = "--resume" if name.startswith("training/") else "validate --deep"
         for how in ("flip", "truncate", "delete"):
             r = c.row("corruption", f"{name} {how}")
             found = {"validate --deep": 0, "reader": 0, "--resume": 0}
+            named = 0
             for _ in range(n):
                 r.trials += 1
-                copy = c.work / "corrupt"
-                _linked_copy(ds if what == "dataset" else step, copy)
+                _linked_copy(sources[what], copy)
                 victim = copy / (c.rng.choice(shards) if name == "shard" else name)
                 _damage(victim, how, c.rng)
-                if what == "dataset":
-
-                    def read_all(copy=copy):
-                        d = Dataset(copy)
-                        for i in range(len(d)):
-                            d[i]
-
-                    checks = {"validate --deep": lambda copy=copy: _raise_if(validate_dataset(copy, deep=True)),
-                              "reader": read_all}  # fmt: skip
-                    meant = "validate --deep"
-                else:
-                    checks = {"validate --deep": lambda copy=copy: _raise_if(validate_checkpoint(copy).errors),
-                              "--resume": lambda copy=copy: state.load_checkpoint(copy)}  # fmt: skip
-                    meant = "--resume" if name.startswith("training/") else "validate --deep"
-                for check, fn in checks.items():
+                for check, fn in _checks(what, copy).items():
                     detected, message, tb = _catch(fn)
                     found[check] += detected
                     r.tracebacks += tb
                     if check == meant:
-                        r.ok += detected and not tb
+                        # Detected means a one-line error that names the damaged file: "something is wrong"
+                        # from an unrelated file (or any exception) would pass a fault it never saw.
+                        names = victim.name in message
+                        named += detected and names
+                        r.ok += detected and names and not tb
                         r.silent_acceptances += not detected
                         r.message = r.message or message.replace(str(copy), "DIR")
             parts = [f"{k} {v}/{r.trials}" for k, v in found.items() if v or k == "validate --deep" or
                      (k == "reader") == (what == "dataset")]  # fmt: skip
-            r.detail = ", ".join(parts)
-    shutil.rmtree(c.work / "corrupt", ignore_errors=True)
+            r.detail = ", ".join([*parts, f"{meant}'s error names the file {named}/{r.trials}"])
+    shutil.rmtree(copy, ignore_errors=True)
 
 
 def _raise_if(problems: list[str]) -> None:

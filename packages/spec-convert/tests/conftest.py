@@ -350,3 +350,29 @@ def random_draft_tensors():
     """random_draft_tensors(verifier_config, draft_vocab, **options) -> float32 EAGLE-3 weights in the
     format's names (no d2t/t2d), for tests that craft some of them."""
     return draft_weights
+
+
+def assert_same_tensors(src: Path, out: Path, dropped: tuple[str, ...] = ()) -> None:
+    """out/model.safetensors holds every tensor of src/model.safetensors but `dropped`, under its name and
+    bit for bit (a shape may lose leading 1s: speculators' mask_hidden [1, 1, D] is written [1, D])."""
+    from spec_format.tensors import load_tensors
+
+    want = load_tensors(src / "model.safetensors", upcast_bf16=False)
+    got = load_tensors(out / "model.safetensors", upcast_bf16=False)
+    assert sorted(want.keys() - got.keys()) == sorted(dropped)
+    for k in want.keys() - set(dropped):
+        a, b = got[k], want[k]
+        assert a.dtype == b.dtype and a.squeeze().shape == b.squeeze().shape, (
+            k,
+            a.dtype,
+            a.shape,
+            b.dtype,
+            b.shape,
+        )
+        np.testing.assert_array_equal(a.reshape(b.shape), b, err_msg=k)
+
+
+@pytest.fixture(scope="session")
+def same_tensors():
+    """assert_same_tensors(src_dir, converted_dir, dropped=()): the conversion kept every weight."""
+    return assert_same_tensors

@@ -393,7 +393,7 @@ def test_vllm_reads_every_converted_config(tmp_path, verifier, source_writers, f
 # --- speculators P-EAGLE -------------------------------------------------------------------------
 
 
-def test_speculators_peagle_converts_with_mask_hidden(tmp_path, verifier, source_writers):
+def test_speculators_peagle_converts_with_mask_hidden(tmp_path, verifier, source_writers, same_tensors):
     from spec_format.validate import validate_checkpoint
 
     src = source_writers["speculators-peagle"](tmp_path / "sp", verifier, mask_token_id=3)
@@ -404,6 +404,7 @@ def test_speculators_peagle_converts_with_mask_hidden(tmp_path, verifier, source
     assert converted.tensors["mask_hidden"].shape == (1, 3 * 64)
     assert "embed_tokens.weight" in converted.tensors  # trained by speculators' P-EAGLE: kept
     assert validate_checkpoint(tmp_path / "out", verifier).ok
+    same_tensors(src, tmp_path / "out", dropped=("verifier_lm_head.weight",))  # the verifier's own head
 
 
 @pytest.mark.parametrize(

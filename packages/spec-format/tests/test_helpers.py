@@ -18,10 +18,13 @@ def test_file_sha256_is_the_sha256_of_the_bytes_across_blocks(tmp_path):
 
 
 def test_engine_starts_are_logged_only_when_asked(tmp_path, monkeypatch):
-    log = tmp_path / "starts.log"
+    monkeypatch.chdir(tmp_path)  # unset or empty: nothing written (a default file name would land here)
     monkeypatch.delenv("SPEC_ENGINE_LOG", raising=False)
     record_engine_start("llm")
-    assert not log.exists()
+    monkeypatch.setenv("SPEC_ENGINE_LOG", "")
+    record_engine_start("llm")
+    assert list(tmp_path.iterdir()) == []
+    log = tmp_path / "starts.log"
     monkeypatch.setenv("SPEC_ENGINE_LOG", str(log))
     record_engine_start("llm")
     record_engine_start("server")

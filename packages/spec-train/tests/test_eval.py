@@ -149,9 +149,25 @@ def test_suffix_decoding_baseline_where_installed(spec_cli, draft, prompt_file, 
     report = json.loads(proc.stdout)
     suffix = report["suffix"]
     assert report["outputs_identical"] is True and suffix["counters"]["drafts"] > 0
-    assert len(suffix["runs"][0]["tokens_per_second_rounds"]) == 2 and suffix["speedup"]["1"] > 0
+    # Two measured rounds; the speed-up's pairing with each round's baseline is the fake-engine test's below.
+    assert len(suffix["runs"][0]["tokens_per_second_rounds"]) == 2 and set(suffix["speedup"]) == {"1"}
     # a fresh engine for each round: the second round starts with an empty cache again, as the first did
     assert proc.stderr.count("suffix: starting vLLM") == 2
+
+
+def test_drafted_share_counts_the_decode_steps_that_checked_a_draft():
+    """n-gram drafts only on a match; acceptance.png labels its rates with the share of steps it drafted on.
+    Two requests of 10 and 7 tokens: 2 from the prefills, then 5 + 5 decode steps, 2 + 1 with a draft
+    (4 + 1 accepted). A draft model drafting at every step (9 tokens, 4 steps, 4 accepted) has share 1."""
+    from spec_datagen.runtime import SpecDecodeCounters
+    from spec_train.evaluate import Config, Measurement, _summarise
+
+    ngram = Measurement([[0] * 10, [0] * 7], 1.0, [SpecDecodeCounters(2, 6, 4, [3, 1, 0]),
+                                                   SpecDecodeCounters(1, 3, 1, [1, 0, 0])])  # fmt: skip
+    r = _summarise(Config("ngram", {"method": "ngram"}, 3), {1: [ngram, ngram]}, {1: [1.0, 1.0]})
+    assert r.drafted_share == pytest.approx(3 / 10)
+    draft = Measurement([[0] * 9], 1.0, [SpecDecodeCounters(4, 12, 4, [3, 1, 0])])
+    assert _summarise(Config("draft", {"method": "eagle3"}, 3), {1: [draft]}, {1: [1.0]}).drafted_share == 1.0
 
 
 def test_interleaved_rounds_pair_each_speedup_with_its_rounds_baseline():

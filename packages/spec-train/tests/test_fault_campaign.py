@@ -31,6 +31,11 @@ def test_a_small_fault_campaign_loses_nothing_and_accepts_no_damage(tiny_dataset
     assert result["failed_trials"] == 0
     trials = result["trials"]
     assert trials["crash_train"] >= 1 and trials["fuzz"] >= 3 and trials["targets"] >= 2
-    assert trials["corruption"] == 24  # 8 files x (flip, truncate, delete)
+    assert trials["corruption"] == 2 + 24  # 2 undamaged copies; 8 files x (flip, truncate, delete)
+    rows = {r["case"]: r for r in result["rows"] if r["kind"] == "corruption"}
+    # The controls pass, and a detection counts only as an error naming the damaged file (failed_trials == 0
+    # above): a check that refused everything, or blamed another file, fails here.
+    assert rows["undamaged dataset"]["ok"] == rows["undamaged checkpoint"]["ok"] == 1
+    assert rows["shard flip"]["message"].startswith("DIR/shard-"), rows["shard flip"]
     cases = {r["case"] for r in result["rows"]}
     assert "mid-checkpoint-write" in cases  # --seed 1 picks it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,8 +162,9 @@ def test_online_run_matches_datagen_then_train(runs):
         f"val acceptance online {v_on['acceptance_length']:.4f} offline {v_off['acceptance_length']:.4f}, se {se:.4f}"
     )
     assert abs(v_on["acceptance_length"] - v_off["acceptance_length"]) <= 2 * se
-    # Both paths reported the broken row the same way.
-    assert ":21:" in runs.datagen_stderr and ":21:" in runs.killed.stderr
+    # Both paths reported the broken row, and no other, by FILE:LINE.
+    for stderr in (runs.datagen_stderr, runs.killed.stderr):
+        assert set(re.findall(r"rows\.jsonl:(\d+): ", stderr)) == {"21"}, stderr[-3000:]
 
 
 @pytest.mark.e2e
@@ -248,8 +250,11 @@ def test_a_capture_process_killed_mid_message_stops_the_reader_in_one_line():
     deadline = time.monotonic() + 30
     while not q._reader.poll() and time.monotonic() < deadline:  # the first bytes are in the pipe
         time.sleep(0.01)
+    assert q._reader.poll(), "nothing reached the pipe in 30 s: a kill now would not land mid-message"
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
+    # The child exits only once its queue's feeder thread has written all 64 MiB: killed, it had not.
+    assert proc.exitcode == -signal.SIGKILL
     inbox = Inbox(q, proc)
     t0 = time.monotonic()
     with pytest.raises(SpecError, match=r"the capture engine \(process \d+\) died .*--resume"):

@@ -10,8 +10,8 @@ numpy.random.default_rng([seed, e]) and packs them in that order (next-fit). The
 form one stream; optimiser step s consumes global rows [s*G, (s+1)*G) with G = world_size * grad_accum,
 rank r taking rows s*G + r*A ... s*G + r*A + A - 1. Resuming at step s therefore needs no state but s,
 and two processes with accumulation A see exactly the rows of one process with accumulation 2A.
-Noise on the hidden states is drawn from a generator seeded by (seed, global row), so it too is the same
-whatever the world size and after a resume.
+Noise on the hidden states and the random slots of P-EAGLE and DFlash (slot_uniforms) are drawn from
+generators seeded by (seed, global row), so they too are the same whatever the world size and after a resume.
 """
 
 from __future__ import annotations
@@ -157,6 +157,15 @@ def supervised_slots(loss_mask: torch.Tensor, position_ids: torch.Tensor, steps:
     return out
 
 
+def slot_uniforms(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[T] uniforms for a row's random slots (P-EAGLE's COD slots, DFlash's anchors): the training rows'
+    own (RowLoader.load: seeded by (seed, global row), so two ranks draw what one process with twice the
+    accumulation draws and a missing gradient all-reduce shows); evaluation rows draw from torch's."""
+    if "uniforms" in batch:
+        return batch["uniforms"]
+    return torch.rand(batch["loss_mask"].shape[0], device=batch["loss_mask"].device)
+
+
 def layer_indices(ds: Dataset, aux_ids: list[int] | None, verifier_dir: str | Path) -> tuple[list[int], int]:
     """Check that `ds` was captured from the verifier in `verifier_dir` with the layers a draft needs, and
     return (positions of `aux_ids` in the dataset's layers, position of the last layer L). The last layer
@@ -222,7 +231,8 @@ class RowLoader:
 
     def load(self, row: list[tuple[int, int]], noise_key: int | None = None) -> dict[str, torch.Tensor]:
         """{"input_ids" [T] int64, "loss_mask" [T] bool, "position_ids" [T] int64, "aux" [T, n_aux*H],
-        "last" [T, H]} for one packed row; noise_key seeds the noise (None: no noise)."""
+        "last" [T, H]} for one packed row. With noise_key (a training row's global index) also
+        "uniforms" [T] (slot_uniforms), and noise_key seeds the noise: both from (seed, global row)."""
         ids, mask, pos, hid = [], [], [], []
         for i, n in row:
             raw = self.ds.raw(i)
@@ -243,13 +253,17 @@ class RowLoader:
             pos.append(torch.arange(pad))
             aux = torch.cat([aux, aux.new_zeros(pad, aux.shape[1])])
             last = torch.cat([last, last.new_zeros(pad, last.shape[1])])
-        return {
+        out = {
             "input_ids": torch.cat(ids),
             "loss_mask": torch.cat(mask),
             "position_ids": torch.cat(pos),
             "aux": aux,
             "last": last.contiguous(),
         }
+        if noise_key is not None:  # drawn here, not in the forward: the row's index needs no host sync
+            seed = self.seed * 1_000_003 + noise_key + (1 << 48)  # not the noise's stream
+            out["uniforms"] = torch.rand(aux.shape[0], generator=torch.Generator().manual_seed(seed))
+        return out
 
     def token_view(self, row: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss_mask [T], position_ids [T]) of a row, without reading hidden states."""

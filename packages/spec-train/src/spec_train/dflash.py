@@ -10,9 +10,9 @@ verifier's distribution after x_{a+j} as its target. It counts iff x_{a+1+j} is 
 document (data.supervised_slots at t).
 
 Anchors: the slots t with a supervised x_{t+2} in their document; at most `max_anchors` per row, drawn
-uniformly (top-k of random scores: static shapes, no host sync) from the run's torch generator, which a
-resume restores. slot_counts is the expectation, min(1, max_anchors / candidates) * supervised slots,
-so each depth's loss is scaled to the full computation's. The verifier's logits are computed only at the
+uniformly (top-k of random scores: static shapes, no host sync; data.slot_uniforms, by seed and global
+row). slot_counts is the expectation, min(1, max_anchors / candidates) * supervised slots, so each
+depth's loss is scaled to the full computation's. The verifier's logits are computed only at the
 drafted slots (loss.py), never [tokens x vocab]. Depth weights: the trainer's 0.8**j is exp(-j / 4.48),
 z-lab's exponential decay with gamma 4.5 (they use 4 for blocks of 8, 7 for 16); --step-weights changes it.
 """
@@ -27,7 +27,7 @@ from spec_models.dflash import DFlashDraft, block_inputs, init_dflash_from_verif
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
 from spec_train.config import TrainConfig
-from spec_train.data import layer_indices, supervised_slots
+from spec_train.data import layer_indices, slot_uniforms, supervised_slots
 from spec_train.eagle3 import draft_vocabulary, load_init_draft
 from spec_train.metrics import chain_counts
 from spec_train.offline import greedy_targets
@@ -89,7 +89,7 @@ def forward(draft, batch: dict[str, torch.Tensor], steps: int, attn: str, cfg: T
     valid = supervised_slots(batch["loss_mask"], batch["position_ids"], steps)  # [S, T]
     T, dev = valid.shape[1], valid.device
     n = min(cfg.max_anchors if cfg is not None else DEFAULT_MAX_ANCHORS, T)
-    score = torch.where(valid[0], torch.rand(T, device=dev), -1.0)
+    score = torch.where(valid[0], slot_uniforms(batch), -1.0)
     top = score.topk(n).indices  # slots t; anchors a = t + 1
     chosen = score[top] >= 0
     anchors = torch.where(chosen, top + 1, -1)

@@ -53,6 +53,9 @@ class ConfigResult(msgspec.Struct):
     mean_acceptance_length: float | None = None
     acceptance_length_stderr: float | None = None  # over prompts
     acceptance_per_position: list[float] | None = None
+    # Of the target's decode steps, the share that checked a draft: 1 for a draft model; n-gram and suffix
+    # decoding propose only on a match, and their rates are over those steps alone.
+    drafted_share: float | None = None
     counters: SpecDecodeCounters | None = None
     speedup: dict[
         str, float
@@ -383,6 +386,12 @@ def _summarise(
     result.mean_acceptance_length = total.mean_acceptance_length
     result.acceptance_per_position = total.acceptance_per_position
     result.acceptance_length_stderr = acceptance_stderr(per_prompt)
+    # Each request's first token comes from its prefill; every decode step after it emits 1 + its accepted.
+    every = [m for ms in by_conc.values() for m in ms]
+    steps = (
+        sum(len(o) for m in every for o in m.outputs) - sum(len(m.outputs) for m in every) - total.accepted
+    )
+    result.drafted_share = min(1.0, total.drafts / steps) if steps > 0 else None
     result.speedup = {str(n): statistics.median(v) for n, v in speedups.items()}
     result.speedup_spread = {str(n): _spread(v) for n, v in speedups.items()}
     _log(
@@ -401,13 +410,38 @@ def _axes(figsize=(6.4, 3.8)):
     return plt.subplots(figsize=figsize)
 
 
+def acceptance_series(result: dict) -> dict[str, list[float]]:
+    """acceptance.png's lines of an eval report: label -> accepted / drafts at each draft position. Methods
+    that draft only on a match say on which share of the steps they did: their rates are over those."""
+    if result.get("offline"):
+        return {"draft (offline)": result["draft"]["acceptance_per_position"]}
+    out = {f"draft, k={p['k']}": p["acceptance_per_position"] for p in result["per_k"]}
+    for name, label in (("ngram", "n-gram"), ("suffix", "suffix decoding")):
+        r = result.get(name)
+        if r:
+            k, share = f", k={r['k']}" if r.get("k") else "", r.get("drafted_share")
+            on = f"drafted on {share:.0%} of steps, " if share is not None else ""
+            out[f"{label}{k} ({on}rates over those steps)"] = r["acceptance_per_position"]
+    return out
+
+
 def acceptance_figure(per_position: dict[str, list[float]], title: str):
-    """Accepted / drafts at each draft position, one line per configuration (e.g. per k)."""
+    """Accepted / drafts at each draft position (integer ticks), one line per configuration (e.g. per k),
+    each in its own style (metrics.STYLES: where k = 2, 3, 4 agree, a hollow marker a size smaller than the
+    last shows inside it); a configuration that never drafted is named in the legend alone."""
+    from spec_train.metrics import STYLES
+
     fig, ax = _axes()
-    for name, rates in per_position.items():
-        if rates:
-            ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
-    ax.set(xlabel="draft position", ylabel="accepted / drafts", ylim=(0, 1), title=title)
+    n = max((len(r) for r in per_position.values()), default=1)
+    for i, (name, rates) in enumerate(per_position.items()):
+        marker, dash = STYLES[i % len(STYLES)]
+        if not rates:
+            ax.plot([], [], " ", label=f"{name}: no drafts")
+            continue
+        ax.plot(range(1, len(rates) + 1), rates, marker=marker, linestyle=dash, markersize=10 - 1.5 * (i % 4),
+                markerfacecolor="none", markeredgewidth=1.5, label=name)  # fmt: skip
+    ax.set_xticks(range(1, n + 1))
+    ax.set(xlabel="draft position", ylabel="accepted / drafts", ylim=(0, 1), xlim=(0.7, n + 0.3), title=title)
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -419,7 +453,8 @@ def speed_figure(report: dict, title: str):
     vertical bars span each point's spread over rounds."""
     fig, ax = _axes()
     ks = [p["k"] for p in report["per_k"]]
-    lo, hi = min(ks + [report["ngram"]["k"]] if report.get("ngram") else ks), max(ks)
+    ngram_k = [report["ngram"]["k"]] if report.get("ngram") else []
+    lo, hi = min(ks + ngram_k), max(ks)
     for c in sorted(report["per_k"][0]["per_concurrency"], key=int):
         ys = [p["per_concurrency"][c]["tokens_per_second"] for p in report["per_k"]]
         spread = [p["per_concurrency"][c]["tokens_per_second_spread"] for p in report["per_k"]]
@@ -452,7 +487,7 @@ def speed_figure(report: dict, title: str):
                 label=f"n-gram, concurrency {c}",
             )
     ax.set(xlabel="k (draft tokens per step)", ylabel="output tokens/s (median)", title=title)
-    ax.set_xticks(sorted(set(ks)))
+    ax.set_xticks(sorted({*ks, *ngram_k}))
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     return fig
@@ -467,14 +502,7 @@ def write_report(result: dict, out: str | Path, title: str) -> None:
     tmp = out / ".eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out / "eval.json")
-    if result.get("offline"):
-        per_position = {"draft (offline)": result["draft"]["acceptance_per_position"]}
-    else:
-        per_position = {f"draft, k={p['k']}": p["acceptance_per_position"] for p in result["per_k"]}
-        for name in ("ngram", "suffix"):
-            if result.get(name):
-                per_position[name] = result[name]["acceptance_per_position"]
-    figures = {"acceptance.png": acceptance_figure(per_position, title)}
+    figures = {"acceptance.png": acceptance_figure(acceptance_series(result), title)}
     if not result.get("offline"):
         figures["speed.png"] = speed_figure(result, title)
     import matplotlib.pyplot as plt

@@ -125,6 +125,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     )
 
 
+# Line styles of the charts, one per series: lines that meet (acceptance at k = 2, 3, 4, or of two draft
+# positions) stay apart by their dash and marker, not by colour alone.
+STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1)))]
+
+
 def _save(fig, path: Path) -> None:
     try:
         fig.savefig(path, dpi=100)
@@ -134,17 +139,29 @@ def _save(fig, path: Path) -> None:
 
 
 def plot(run_dir: Path) -> list[Path]:
-    """RUN/loss.png (train and validation loss) and RUN/acceptance.png (validation acceptance per position
-    and acceptance length) from metrics.jsonl."""
+    """RUN/loss.png and RUN/acceptance.png (figures) from metrics.jsonl."""
+    import matplotlib.pyplot as plt
+
+    out = []
+    for name, fig in figures(read_metrics(run_dir)).items():
+        _save(fig, run_dir / name)
+        plt.close(fig)
+        out.append(run_dir / name)
+    return out
+
+
+def figures(records: list[dict]) -> dict:
+    """{"loss.png": train and validation loss, "acceptance.png": validation acceptance per position and
+    acceptance length} against the step (integer ticks) of metrics.jsonl's records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    records = read_metrics(run_dir)
     train = [r for r in records if r.get("split") == "train" and "loss" in r]
     evals = {s: [r for r in records if r.get("split") == s] for s in ("val", "train_eval")}
-    out = []
+    out = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -156,17 +173,16 @@ def plot(run_dir: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="loss (weighted over TTT steps)", title="Loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, run_dir / "loss.png")
-    plt.close(fig)
-    out.append(run_dir / "loss.png")
+    out["loss.png"] = fig
 
     rs = evals["val"] or evals["train_eval"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     if rs:
         steps = [r["step"] for r in rs]
-        for j in range(len(rs[-1]["acceptance"])):
-            a1.plot(steps, [r["acceptance"][j] for r in rs], "o-", label=f"position {j + 1}")
+        for j in range(len(rs[-1]["acceptance"])):  # positions may meet: each its own dash and marker
+            marker, dash = STYLES[j % len(STYLES)]
+            a1.plot(steps, [r["acceptance"][j] for r in rs], marker=marker, linestyle=dash, markerfacecolor="none",
+                    label=f"position {j + 1}")  # fmt: skip
         a2.plot(steps, [r["acceptance_length"] for r in rs], "o-", color="k")
     name = "validation" if evals["val"] else "training sample"
     a1.set(
@@ -175,9 +191,11 @@ def plot(run_dir: Path) -> list[Path]:
     a1.legend()
     a1.grid(alpha=0.3)
     a2.set(xlabel="step", ylabel="tokens per verifier step", title="Simulated acceptance length")
+    a2.set_ylim(bottom=1)  # its floor: a zoomed axis would draw +0.04 as a climb
     a2.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, run_dir / "acceptance.png")
-    plt.close(fig)
-    out.append(run_dir / "acceptance.png")
+    out["acceptance.png"] = fig
+    for fig in out.values():
+        for a in fig.axes:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no tick at 2.5
+        fig.tight_layout()
     return out

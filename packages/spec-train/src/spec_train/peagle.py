@@ -3,10 +3,11 @@ all run in one forward (no depth waits for another's output, unlike EAGLE-3's TT
 
 COD sampling (the P-EAGLE paper's; speculators `cod_sampling.py` samples each depth independently):
 depth d >= 1 runs a random max(cod_ratio**d, cod_min) of the slots that have a supervised target at
-depth d or beyond. We draw one uniform u_t per slot and keep t at depth d iff u_t < rate_d, so each
-depth's anchors are a subset of the previous depth's (a depth-d query attends to its chain's depths
-1..d-1, as in vLLM's cache). The loss of depth d is scaled by weight_d / (rate_d * supervised slots):
-its expected value is the full computation's. Registered as the `peagle` algorithm.
+depth d or beyond. We draw one uniform u_t per slot (data.slot_uniforms: by seed and global row) and
+keep t at depth d iff u_t < rate_d, so each depth's anchors are a subset of the previous depth's (a
+depth-d query attends to its chain's depths 1..d-1, as in vLLM's cache). The loss of depth d is scaled
+by weight_d / (rate_d * supervised slots): its expected value is the full computation's. Registered as
+the `peagle` algorithm.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from spec_models import forward_parallel, peagle_from_eagle3, propose_parallel
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
 from spec_train.config import TrainConfig
-from spec_train.data import supervised_slots
+from spec_train.data import slot_uniforms, supervised_slots
 from spec_train.eagle3 import load_init_draft, new_eagle3_draft
 from spec_train.metrics import chain_counts
 from spec_train.offline import _draft_tokens, _match, greedy_targets
@@ -86,7 +87,7 @@ def forward(draft, batch: dict[str, torch.Tensor], steps: int, attn: str, cfg: T
     # slots with a target at depth d or deeper: nested over d, so are the kept subsets
     need = valid.flip(0).int().cummax(0).values.flip(0).bool()
     rates = cod_rates(steps, cfg).to(valid.device)
-    keep = need & (torch.rand(valid.shape[1], device=valid.device)[None] < rates[:, None])
+    keep = need & (slot_uniforms(batch)[None] < rates[:, None])
     return _run(draft, batch, keep), valid & keep
 
 
