@@ -256,11 +256,18 @@ def datagen(
     from spec_datagen.targets import check_target
     from spec_format.algorithms import default_layers
     from spec_format.dataset import DataInfo, DataSource
+    from spec_format.errors import SpecError
     from spec_format.fingerprint import read_model_config
 
     template_kwargs = _parse_json(chat_template_kwargs, "--chat-template-kwargs")
     extra_engine = _parse_json(engine_kwargs, "--engine-kwargs")
-    n = read_model_config(target)["num_hidden_layers"]
+    raw = read_model_config(target)
+    if not isinstance(raw.get("num_hidden_layers"), int):  # not a decoder we know: the pairing check says why
+        check_target(target, method="extract_hidden_states")
+        raise SpecError(
+            f"{target}/config.json: field 'num_hidden_layers' is missing; capture needs a decoder-only target"
+        )
+    n = raw["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once; the cheap checks come
     # before the pairing check, which imports vLLM (10 s).
     layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)
