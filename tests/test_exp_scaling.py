@@ -5,7 +5,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+
+from spec_format.tensors import load_tensors
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_cached_heldout_measurement_is_the_offline_simulation(tool, random_eagle
         assert got[name]["per_position"] == want.counters.acceptance_per_position
         assert got[name]["mean_acceptance_length"] == want.mean_acceptance_length
         # the share of the target's continuation tokens that the draft's vocabulary holds (d2t from its file)
-        d2t = load_file(str(draft / "model.safetensors"))["d2t"]
+        d2t = load_tensors(draft / "model.safetensors", names=["d2t"])["d2t"]
         vocab = set((np.arange(len(d2t)) + d2t).tolist())
         tokens = [t for c in held.sets[name]["continuations"] for t in c]
         assert got[name]["coverage"] == pytest.approx(sum(t in vocab for t in tokens) / len(tokens))
