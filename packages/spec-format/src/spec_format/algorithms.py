@@ -78,12 +78,18 @@ def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None
         raise SpecError(
             f"k = {k!r}: vLLM serves {cfg.speculators_model_type} drafts at k >= 1 draft tokens per step"
         )
-    if cfg.block_size and k != cfg.block_size - 1:  # block drafters see the whole block at once
+    if k not in (servable_ks(cfg) or [k]):
         raise SpecError(
             f"{draft_dir}/config.json: the draft fills blocks of {cfg.block_size} (field 'block_size'); "
             f"serve it at k = {cfg.block_size - 1}, not {k}, or train one for that block"
         )
     return {**extra, "model": str(draft_dir), "num_speculative_tokens": k}
+
+
+def servable_ks(cfg: SpeculatorConfig) -> list[int] | None:
+    """The k vLLM can serve this draft at; None: any k >= 1. A block drafter (DFlash: field `block_size`)
+    sees its whole block at once, so only at k = block_size - 1."""
+    return [cfg.block_size - 1] if cfg.block_size else None
 
 
 class LayerDims(msgspec.Struct, frozen=True):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from spec_format.cli import comma_separated
+from spec_format.cli import comma_list, comma_separated
 from spec_train.algorithms import BUILTIN
 
 
@@ -21,7 +21,7 @@ def _int_list(value: str, what: str, example: str) -> list[int]:
     from spec_format.errors import SpecError
 
     try:
-        levels = [int(v) for v in value.split(",") if v.strip()]
+        levels = comma_list(value)
     except ValueError:
         raise SpecError(f"{what} '{value}': expected comma-separated integers such as {example}") from None
     if not levels or min(levels) < 1:
