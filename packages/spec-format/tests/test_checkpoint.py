@@ -361,7 +361,7 @@ def test_target_hidden_size_other_than_the_drafts_needs_own_embeddings(tmp_path)
 
 
 def make_peagle_checkpoint(root: Path, mask_token_id=7) -> Path:
-    from spec_format.algorithms import build_peagle_config
+    from spec_format.peagle import build_peagle_config
 
     verifier = make_verifier(root)
     cfg = build_peagle_config(

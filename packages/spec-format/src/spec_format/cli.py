@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
@@ -26,8 +27,8 @@ PACKAGES = ("spec-format", "spec-datagen", "spec-models", "spec-train", "spec-co
 
 
 def comma_list(value: str, kind: type = int) -> list:
-    """ "2,15,27" -> [kind(v), ...] (spaces and empty items ignored); ValueError on anything else."""
-    return [kind(v) for v in value.replace(" ", "").split(",") if v]
+    """ "2,15,27" (or "2, 15, 27", "2 15 27") -> [kind(v), ...]; ValueError on anything else."""
+    return [kind(v) for v in re.split(r"[,\s]+", value.strip()) if v]
 
 
 def comma_separated(kind: type, example: str):
