@@ -28,6 +28,10 @@ from spec_format.dataset import Dataset
 from spec_format.fingerprint import default_eagle3_layers
 from spec_format.validate import validate_checkpoint
 
+# A quick start (the fixtures below, timed with the first test that uses each) takes minutes on a quiet
+# machine and may take more than the suite's 900 s on a busy one.
+pytestmark = pytest.mark.timeout(1800)
+
 # EAGLE-3's run: ~6 minutes on two cores, half of it the five engine starts.
 TINY = {
     "prompts": 24,
