@@ -390,7 +390,7 @@ def test_vllm_drafts_what_spec_models_dflash_drafts(
     target_layer_ids list would be [1, 14, 26])."""
     from vllm import SamplingParams
 
-    from spec_convert.convert import convert_to_spec, export_to_zlab
+    from spec_convert.convert import convert_to_spec, export
     from spec_datagen.runtime import spec_decode_counters
     from spec_format.checkpoint import read_checkpoint
     from spec_format.validate import validate_checkpoint
@@ -399,7 +399,7 @@ def test_vllm_drafts_what_spec_models_dflash_drafts(
     k = 4
     ours = _random_dflash(demo_model, tmp_path / "ours", k=k)
     # Served: the draft after a trip through z-lab's layout (target_layer_ids [1, 14, 26]) and back.
-    export_to_zlab(ours, tmp_path / "zlab")
+    export(ours, tmp_path / "zlab", "zlab")
     draft = tmp_path / "draft"
     convert_to_spec(tmp_path / "zlab", draft, demo_model)
     a, b = read_checkpoint(ours), read_checkpoint(draft)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spec_format.algorithms import build_eagle3_config, layout_for, vllm_speculative_config
+from spec_format.algorithms import build_eagle3_config, layout_for, servable_ks, vllm_speculative_config
 from spec_format.checkpoint import read_checkpoint, read_config, reseal_checkpoint, write_checkpoint
 from spec_format.dflash import build_dflash_config, default_dflash_layers
 from spec_format.errors import SpecError
@@ -361,7 +361,7 @@ def test_target_hidden_size_other_than_the_drafts_needs_own_embeddings(tmp_path)
 
 
 def make_peagle_checkpoint(root: Path, mask_token_id=7) -> Path:
-    from spec_format.algorithms import build_peagle_config
+    from spec_format.peagle import build_peagle_config
 
     verifier = make_verifier(root)
     cfg = build_peagle_config(
@@ -403,6 +403,7 @@ def test_peagle_serves_as_eagle3_with_parallel_drafting(tmp_path):
     assert vllm_speculative_config(cfg, "d", 4) == {
         "method": "eagle3", "parallel_drafting": True, "model": "d", "num_speculative_tokens": 4
     }  # fmt: skip
+    assert servable_ks(cfg) is None  # any k
 
 
 # --- DFlash (spec_format.dflash): the checkpoint as vLLM 0.32 reads it ---------------------------------
@@ -445,6 +446,7 @@ def test_dflash_roundtrip_and_serving(tmp_path):
     }
     with pytest.raises(SpecError, match="blocks of 4.*k = 3, not 5"):
         vllm_speculative_config(cfg, str(ckpt), 5)
+    assert servable_ks(cfg) == [3]  # what a k sweep (the quick start's) measures
     assert default_dflash_layers(36) == [2, 10, 18, 26, 34, 36]  # z-lab's Qwen3-8B ids [1, 9, 17, 25, 33] + 1
 
 

@@ -16,8 +16,9 @@ from spec_convert.layer_ids import fc_inputs, resolve_layer_ids
 from spec_convert.source import Source
 from spec_convert.strict import ConversionError, Mapped, check_layout
 from spec_convert.target import Target
-from spec_format.algorithms import as_peagle, eagle3_config, layout_for
+from spec_format.algorithms import eagle3_config, layout_for
 from spec_format.checkpoint import SpeculatorConfig
+from spec_format.peagle import as_peagle
 
 DEFAULT_K = 3  # what speculators' converter and vLLM's EAGLE-3 examples use; --k overrides
 

@@ -1,5 +1,5 @@
-"""`spec convert`: external drafts into the spec format (strictly), and spec-format drafts out to the
-SafeAILab/SGLang EAGLE-3 layout."""
+"""`spec convert`: external drafts into the spec format (strictly), and spec-format drafts out to other
+layouts (spec_convert.convert.FORMATS and EXPORTS: the choices below are read from them)."""
 
 from __future__ import annotations
 
@@ -7,37 +7,17 @@ from pathlib import Path
 
 import click
 
-SOURCES = ("auto", "eagle3", "specforge", "modelopt", "speculators", "dflash")
-
-
-def _layers(_ctx, _param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.replace(",", " ").split()]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a list of layer ids such as 2,16,29") from None
+from spec_convert.convert import EXPORTS, FORMATS
+from spec_format.cli import comma_separated
 
 
 @click.command("convert")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--from",
-    "fmt",
-    type=click.Choice(SOURCES),
-    default="auto",
-    show_default=True,
-    help="Source layout: eagle3 (SafeAILab EAGLE-3), specforge, modelopt, speculators (older directories), dflash (z-lab DFlashDraftModel or speculators dflash).",
-)
-@click.option(
-    "--to",
-    "to",
-    type=click.Choice(["spec", "eagle3", "zlab"]),
-    default="spec",
-    show_default=True,
-    help="spec: the format vLLM serves; eagle3: export a spec-format SRC to the SafeAILab/SGLang layout; "
-    "zlab: export a spec-format DFlash SRC to z-lab's DFlashDraftModel layout.",
-)
+@click.option("--from", "fmt", type=click.Choice(["auto", *FORMATS]), default="auto", show_default=True,
+              help="Source layout: " + "; ".join(f"{name}: {m.WHAT}" for name, m in FORMATS.items()) + ".")  # fmt: skip
+@click.option("--to", "to", type=click.Choice(["spec", *EXPORTS]), default="spec", show_default=True,
+              help="spec: the format vLLM serves; " + "; ".join(f"{name}: export a spec-format SRC to the {e.what}"
+                                                             for name, e in EXPORTS.items()) + ".")  # fmt: skip
 @click.option(
     "--verifier",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -52,7 +32,7 @@ def _layers(_ctx, _param, value: str | None) -> list[int] | None:
 )
 @click.option(
     "--layers",
-    callback=_layers,
+    callback=comma_separated(int, "2,16,29"),
     help="Auxiliary verifier layers as vLLM capture ids (id k = the state entering decoder layer k), e.g. 2,16,29.",
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
@@ -71,24 +51,20 @@ def convert(
     the format needs must be there with the shape the verifier implies; otherwise nothing is written and
     each problem is printed on its own line."""
     from spec_convert.build import Options
-    from spec_convert.convert import convert_to_spec, export_to_eagle3, export_to_zlab, summary
+    from spec_convert.convert import convert_to_spec, export, summary
     from spec_convert.strict import ConversionError
 
     try:
-        if to == "eagle3":
+        if to != "spec":
             if fmt != "auto" or k is not None or layers is not None or verifier_name is not None:
                 raise click.UsageError(
-                    "--to eagle3 exports a spec-format SRC as it is; convert other layouts to the spec format "
+                    f"--to {to} exports a spec-format SRC as it is; convert other layouts to the spec format "
                     "first (--from/--k/--layers/--verifier-name do not apply)"
                 )
-            notes = export_to_eagle3(src, out, verifier, force)
-            click.echo(f"exported {src} -> {out} (SafeAILab/SGLang EAGLE-3 layout)")
+            notes = export(src, out, to, verifier, force)
+            click.echo(f"exported {src} -> {out} ({EXPORTS[to].what})")
             for line in notes:
                 click.echo(f"  note: {line}")
-            return
-        if to == "zlab":
-            export_to_zlab(src, out, verifier, force)
-            click.echo(f"exported {src} -> {out} (z-lab DFlashDraftModel layout)")
             return
         if verifier is None:
             raise click.UsageError("--verifier is required: the draft's shapes are checked against it")

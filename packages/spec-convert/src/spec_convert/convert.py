@@ -1,50 +1,35 @@
 """Conversions as functions: detect a source layout, convert it into a spec-format checkpoint (checked by
-spec-format's validator before it appears), or export one to the SafeAILab/SGLang layout."""
+spec-format's validator before it appears), or export one to another layout. The layouts live in their
+own modules (MODULES); nothing here names one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from spec_convert import dflash, eagle3, modelopt, specforge, speculators
+from spec_convert import dflash, eagle3, modelopt, specforge, speculators, to_eagle3
 from spec_convert.build import Converted, Options
-from spec_convert.output import check_out, staged_dir
-from spec_convert.source import Source, is_torch_source, read_source
+from spec_convert.output import Export, check_out, read_spec_checkpoint, staged_dir
+from spec_convert.source import Source, read_source
 from spec_convert.strict import ConversionError
 from spec_convert.target import read_target
-from spec_convert.to_eagle3 import eagle3_layout, write_eagle3
-from spec_format.checkpoint import read_checkpoint, write_checkpoint
+from spec_format.checkpoint import write_checkpoint
 from spec_format.errors import SpecError
-from spec_format.tensors import tensor_dtypes
 from spec_format.validate import validate_checkpoint
 
-FORMATS = {m.NAME: m for m in (eagle3, specforge, modelopt, speculators, dflash)}
+# Every layout module: a source layout has NAME, detect(src) -> why | None and convert(src, target, options);
+# an exporting one has EXPORTS {--to name: Export}. Detection asks them in this order (a module's detect
+# may assume that those before it did not match): the one list a new layout adds to.
+MODULES = (dflash, speculators, eagle3, specforge, modelopt, to_eagle3)
+FORMATS = {m.NAME: m for m in MODULES if hasattr(m, "convert")}
+EXPORTS: dict[str, Export] = {name: e for m in MODULES for name, e in getattr(m, "EXPORTS", {}).items()}
 
 
 def detect_format(src: Source) -> tuple[str, str]:
     """(format, why) from the files alone; a SpecError when no known layout fits."""
-    cfg = src.config
-    if cfg.get("speculators_model_type") == "dflash":
-        return "dflash", "config.json has speculators_model_type dflash"
-    if isinstance(cfg.get("dflash_config"), dict) or "DFlashDraftModel" in (cfg.get("architectures") or []):
-        return "dflash", "config.json has z-lab's dflash_config / DFlashDraftModel"
-    if "speculators_config" in cfg or "speculators_model_type" in cfg:
-        return "speculators", "config.json has speculators_config"
-    midlayer = any(n.startswith("midlayer.") for n in src.tensors)
-    if midlayer and is_torch_source(src):
-        return "eagle3", "midlayer.* tensors in a torch .bin (what SafeAILab's DeepSpeed training saves)"
-    if midlayer:
-        return "specforge", (
-            "midlayer.* tensors in safetensors (what SpecForge's save_pretrained writes; SafeAILab's trainer "
-            "writes .bin; pass --from eagle3 for the EAGLE code's conventions)"
-        )
-    ec = cfg.get("eagle_config")
-    if (
-        isinstance(ec, dict)
-        and "use_aux_hidden_state" in ec
-        and any(n.startswith("layers.") for n in src.tensors)
-    ):
-        return "modelopt", "layers.* tensors with ModelOpt's eagle_config (use_aux_hidden_state, ...)"
+    for name, module in FORMATS.items():
+        why = module.detect(src)
+        if why:
+            return name, why
     raise SpecError(
         f"{src.path}: not a draft layout spec convert knows (no speculators_config, no midlayer.* tensors, "
         f"no ModelOpt eagle_config); pass --from one of {', '.join(FORMATS)}"
@@ -94,66 +79,14 @@ def convert_to_spec(
     return converted, fmt, why
 
 
-def export_to_eagle3(
-    src_dir: str | Path, out: str | Path, verifier: str | Path | None = None, force: bool = False
+def export(
+    src_dir: str | Path, out: str | Path, to: str, verifier: str | Path | None = None, force: bool = False
 ) -> list[str]:
-    """Export a spec-format checkpoint; returns the notes for the user."""
+    """Export a valid spec-format checkpoint to the layout EXPORTS[to]; returns the notes for the user."""
     out = Path(out)
     check_out(out, force)
-    try:
-        raw = json.loads((Path(src_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        raw = {}  # validate_checkpoint below names the problem
-    if isinstance(raw, dict) and raw and "speculators_config" not in raw:
-        raise SpecError(
-            f"{src_dir}: not a spec-format checkpoint (its config.json has no speculators_config); convert it "
-            "first with spec convert SRC --verifier DIR --out DIR, then export that directory"
-        )
-    report = validate_checkpoint(src_dir, verifier)
-    if not report.ok:
-        raise ConversionError(report.errors)
-    cfg, tensors = read_checkpoint(src_dir)
-    if cfg.spec is not None and cfg.spec.verifier is not None:
-        num_layers = cfg.spec.verifier.num_hidden_layers
-    elif verifier is not None:
-        num_layers = read_target(verifier).num_layers
-    else:
-        raise SpecError(
-            f"{src_dir}: the checkpoint records no verifier fingerprint; pass --verifier so the layer ids can be checked"
-        )
-    stored = {
-        d for d in tensor_dtypes(Path(src_dir) / "model.safetensors").values() if d in ("F16", "BF16", "F32")
-    }
-    float_dtype = (
-        {"F16": "float16", "BF16": "bfloat16"}.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
-    )
-    config, out_tensors, notes = eagle3_layout(cfg, tensors, float_dtype, num_layers)
-    with staged_dir(out, force) as tmp:
-        write_eagle3(tmp, config, out_tensors, float_dtype)
-    return notes
-
-
-def export_to_zlab(
-    src_dir: str | Path, out: str | Path, verifier: str | Path | None = None, force: bool = False
-) -> None:
-    """Export a spec-format DFlash checkpoint to z-lab's DFlashDraftModel layout (dflash.zlab_layout)."""
-    out = Path(out)
-    check_out(out, force)
-    report = validate_checkpoint(src_dir, verifier)
-    if not report.ok:
-        raise ConversionError(report.errors)
-    cfg, tensors = read_checkpoint(src_dir)
-    if cfg.algorithm != "dflash":
-        raise SpecError(f"{src_dir}: a '{cfg.algorithm}' checkpoint; --to zlab exports DFlash drafts")
-    if cfg.spec is not None and cfg.spec.verifier is not None:
-        num_layers = cfg.spec.verifier.num_hidden_layers
-    elif verifier is not None:
-        num_layers = read_target(verifier).num_layers
-    else:
-        raise SpecError(f"{src_dir}: the checkpoint records no verifier fingerprint; pass --verifier")
-    config, out_tensors = dflash.zlab_layout(cfg, tensors, num_layers)
-    with staged_dir(out, force) as tmp:
-        write_eagle3(tmp, config, out_tensors, "bfloat16")
+    cfg, tensors, num_layers = read_spec_checkpoint(src_dir, verifier)
+    return EXPORTS[to].write(Path(src_dir), cfg, tensors, num_layers, out, force)
 
 
 def summary(converted: Converted) -> list[str]:

@@ -16,20 +16,23 @@ name, and the result is checked against the dflash layout before anything is wri
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from spec_convert.build import Converted, Options, float_dtype, speculative_tokens
 from spec_convert.d2t import vocab_mapping
 from spec_convert.layer_config import check_dims, layer_config
 from spec_convert.layer_ids import resolve_layer_ids
+from spec_convert.output import Export, staged_dir
 from spec_convert.source import Source
 from spec_convert.strict import ConversionError, check_layout, map_tensors
 from spec_convert.target import Target
 from spec_format.algorithms import layout_for
-from spec_format.checkpoint import (
-    SpeculatorConfig,
-)
+from spec_format.checkpoint import SpeculatorConfig
 from spec_format.dflash import default_dflash_layers, dflash_config
+from spec_format.errors import SpecError
 
 NAME = "dflash"
+WHAT = "z-lab DFlashDraftModel or speculators dflash"  # spec convert --help
 DROPS = [
     (r"verifier_(lm_head|norm)\.weight", "speculators' frozen training copy of the verifier's lm_head/norm")
 ]
@@ -40,6 +43,15 @@ SPECULATORS_KEYS = {
     "target_hidden_size", "aux_hidden_state_layer_ids", "mask_token_id", "block_size", "sample_from_anchor",
     "sliding_window_non_causal", "spec", "speculators_version",
 }  # fmt: skip
+
+
+def detect(src: Source) -> str | None:
+    cfg = src.config
+    if cfg.get("speculators_model_type") == "dflash":
+        return "config.json has speculators_model_type dflash"
+    if isinstance(cfg.get("dflash_config"), dict) or "DFlashDraftModel" in (cfg.get("architectures") or []):
+        return "config.json has z-lab's dflash_config / DFlashDraftModel"
+    return None
 
 
 def _strip_model_prefix(name: str) -> str:
@@ -145,3 +157,20 @@ def zlab_layout(cfg: SpeculatorConfig, tensors: dict, num_target_layers: int) ->
         },
     )
     return config, {n: a for n, a in tensors.items() if n not in ("t2d", "d2t")}
+
+
+def export_zlab(
+    src_dir: Path, cfg: SpeculatorConfig, tensors: dict, num_target_layers: int, out: Path, force: bool
+) -> list[str]:
+    """`spec convert --to zlab`: a spec-format DFlash checkpoint in z-lab's layout (zlab_layout)."""
+    from spec_convert.to_eagle3 import write_eagle3
+
+    if cfg.algorithm != NAME:
+        raise SpecError(f"{src_dir}: a '{cfg.algorithm}' checkpoint; --to zlab exports DFlash drafts")
+    config, out_tensors = zlab_layout(cfg, tensors, num_target_layers)
+    with staged_dir(out, force) as tmp:
+        write_eagle3(tmp, config, out_tensors, "bfloat16")
+    return []
+
+
+EXPORTS = {"zlab": Export(export_zlab, "z-lab DFlashDraftModel layout")}

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from spec_convert.build import Draft, LayerIds, Options, Origin, finish
 from spec_convert.layer_config import midlayer_config
-from spec_convert.source import Source
+from spec_convert.source import Source, is_torch_source
 from spec_convert.strict import map_tensors
 from spec_convert.target import Target
 
 NAME = "eagle3"
+WHAT = "SafeAILab EAGLE-3"  # spec convert --help
 
 # Keys of config.json this module interprets rather than copying into the decoder-layer config.
 EAGLE_KEYS = {"draft_vocab_size", "target_hidden_size", "num_hidden_layers", "model_type", "bias"}
@@ -63,6 +64,12 @@ LAYERS = LayerIds(
     "the EAGLE-3 code captures the hidden states entering decoder layers 2, L//2, L-3 "
     "(eagle/model/modeling_llama_kv.py), which are vLLM capture ids 2, L//2, L-3",
 )
+
+
+def detect(src: Source) -> str | None:
+    if is_torch_source(src) and any(n.startswith("midlayer.") for n in src.tensors):
+        return "midlayer.* tensors in a torch .bin (what SafeAILab's DeepSpeed training saves)"
+    return None
 
 
 def convert(src: Source, target: Target, options: Options):

@@ -28,6 +28,7 @@ from spec_convert.strict import map_tensors
 from spec_convert.target import Target
 
 NAME = "modelopt"
+WHAT = "NVIDIA ModelOpt EAGLE-3"  # spec convert --help
 ORIGIN = Origin(NAME, "NVIDIA/Model-Optimizer (ModelOpt)", "a ModelOpt EAGLE-3 export")
 
 EAGLE_KEYS = {"draft_vocab_size", "eagle_config", "num_hidden_layers", "model_type", "quantization_config"}
@@ -77,6 +78,17 @@ def _eagle_config_problems(cfg: dict, ec: dict) -> list[str]:
             "config.json: eagle_config.parallel_draft_step > 1 (parallel draft heads) is not EAGLE-3"
         )
     return problems
+
+
+def detect(src: Source) -> str | None:
+    ec = src.config.get("eagle_config")
+    if (
+        isinstance(ec, dict)
+        and "use_aux_hidden_state" in ec
+        and any(n.startswith("layers.") for n in src.tensors)
+    ):
+        return "layers.* tensors with ModelOpt's eagle_config (use_aux_hidden_state, ...)"
+    return None
 
 
 def convert(src: Source, target: Target, options: Options):

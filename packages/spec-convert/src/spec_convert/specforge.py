@@ -29,6 +29,7 @@ from spec_convert.strict import map_tensors
 from spec_convert.target import Target
 
 NAME = "specforge"
+WHAT = "SpecForge/SGLang EAGLE-3"  # spec convert --help
 ORIGIN = Origin(
     NAME, "sgl-project/SpecForge (SGLang EAGLE-3 layout)", "a SpecForge EAGLE-3 draft", source_name
 )
@@ -59,6 +60,15 @@ LAYERS = LayerIds(
     convention="SGLang/SpecForge count the output of decoder layer x",
     shift=1,
 )
+
+
+def detect(src: Source) -> str | None:
+    if any(n.startswith("midlayer.") for n in src.tensors):  # in safetensors: eagle3.detect saw no .bin
+        return (
+            "midlayer.* tensors in safetensors (what SpecForge's save_pretrained writes; SafeAILab's trainer "
+            "writes .bin; pass --from eagle3 for the EAGLE code's conventions)"
+        )
+    return None
 
 
 def convert(src: Source, target: Target, options: Options):

@@ -32,6 +32,7 @@ from spec_convert.strict import ConversionError, map_tensors
 from spec_convert.target import Target
 
 NAME = "speculators"
+WHAT = "older vllm-project/speculators EAGLE-3 and P-EAGLE directories"  # spec convert --help
 ORIGIN = Origin(NAME, "vllm-project/speculators", "a speculators EAGLE-3 checkpoint")
 ORIGIN_PEAGLE = Origin(NAME, "vllm-project/speculators", "a speculators P-EAGLE checkpoint")
 
@@ -62,6 +63,13 @@ LAYERS = LayerIds(
     field="eagle_aux_hidden_state_layer_ids",
     convention="vLLM capture ids",
 )
+
+
+def detect(src: Source) -> str | None:
+    cfg = src.config
+    if "speculators_config" in cfg or "speculators_model_type" in cfg:
+        return "config.json has speculators_config"
+    return None
 
 
 def convert(src: Source, target: Target, options: Options):

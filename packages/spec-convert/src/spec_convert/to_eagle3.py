@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from spec_convert.eagle3 import default_layers, source_name
+from spec_convert.output import Export, staged_dir
 from spec_convert.strict import ConversionError
 from spec_format.checkpoint import SpeculatorConfig
-from spec_format.tensors import save_tensors
+from spec_format.tensors import save_tensors, tensor_dtypes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -120,3 +121,20 @@ def write_eagle3(out_dir: Path, config: dict, tensors: dict[str, np.ndarray], fl
     tmp = out_dir / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out_dir / CONFIG_NAME)
+
+
+def export(
+    src_dir: Path, cfg: SpeculatorConfig, tensors: dict, num_target_layers: int, out: Path, force: bool
+) -> list[str]:
+    """`spec convert --to eagle3`, in the float type the source stores (float32 when it mixes them)."""
+    stored = {d for d in tensor_dtypes(src_dir / WEIGHTS_NAME).values() if d in ("F16", "BF16", "F32")}
+    float_dtype = (
+        {"F16": "float16", "BF16": "bfloat16"}.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
+    )
+    config, out_tensors, notes = eagle3_layout(cfg, tensors, float_dtype, num_target_layers)
+    with staged_dir(out, force) as tmp:
+        write_eagle3(tmp, config, out_tensors, float_dtype)
+    return notes
+
+
+EXPORTS = {"eagle3": Export(export, "SafeAILab/SGLang EAGLE-3 layout")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from spec_format.algorithms import DEFAULT_LAYERS
 from spec_format.cli import comma_separated
 
 
@@ -147,7 +148,7 @@ def _command_line(ctx: click.Context, skip: set[str] = frozenset(), **values) ->
     "--algorithm",
     default="eagle3",
     show_default=True,
-    type=click.Choice(["eagle3", "peagle", "dflash"]),
+    type=click.Choice(sorted(DEFAULT_LAYERS)),
     help="The draft the dataset is for: picks the default --layers.",
 )
 @click.option("--max-len", default=2048, type=click.IntRange(min=2), help="Longest sample, in tokens.")

@@ -78,12 +78,18 @@ def vllm_speculative_config(cfg: SpeculatorConfig, draft_dir: str, k: int | None
         raise SpecError(
             f"k = {k!r}: vLLM serves {cfg.speculators_model_type} drafts at k >= 1 draft tokens per step"
         )
-    if cfg.block_size and k != cfg.block_size - 1:  # block drafters see the whole block at once
+    if k not in (servable_ks(cfg) or [k]):
         raise SpecError(
             f"{draft_dir}/config.json: the draft fills blocks of {cfg.block_size} (field 'block_size'); "
             f"serve it at k = {cfg.block_size - 1}, not {k}, or train one for that block"
         )
     return {**extra, "model": str(draft_dir), "num_speculative_tokens": k}
+
+
+def servable_ks(cfg: SpeculatorConfig) -> list[int] | None:
+    """The k vLLM can serve this draft at; None: any k >= 1. A block drafter (DFlash: field `block_size`)
+    sees its whole block at once, so only at k = block_size - 1."""
+    return [cfg.block_size - 1] if cfg.block_size else None
 
 
 class LayerDims(msgspec.Struct, frozen=True):
@@ -218,38 +224,6 @@ def eagle3_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
     return Layout(required=req, optional=opt, dtypes={"d2t": "I64", "t2d": "BOOL"}, forbidden=forbidden)
 
 
-# P-EAGLE (parallel drafting): vLLM's speculators updater (`update_peagle`) turns `peagle` into EAGLE-3
-# with parallel_drafting, and `mask_token_id` into the draft's `pard_token`. Named explicitly here too, so
-# eval/serve pass it through `speculative_config`.
-register_serving("peagle", method="eagle3", parallel_drafting=True)
-
-
-@register_layout("peagle")
-def peagle_layout(cfg: SpeculatorConfig, source: str = "config.json") -> Layout:
-    """P-EAGLE: EAGLE-3's tensors plus `mask_hidden` [1, n_aux*target_hidden], the shared aux state that
-    every drafted position after the first reads (through fc, like a real aux state). vLLM's loader
-    refuses a parallel-drafting checkpoint without it (llama_eagle3.py load_weights)."""
-    vocab = layer_dims(cfg, source).vocab_size
-    if cfg.mask_token_id is None or not 0 <= cfg.mask_token_id < vocab:
-        raise SpecError(
-            f"{source}: field 'mask_token_id' must be a token id in [0, {vocab}), found {cfg.mask_token_id!r}; "
-            "P-EAGLE feeds it at every drafted position after the first"
-        )
-    for flag in ("fc_norm", "norm_output"):
-        if getattr(cfg, flag):
-            # update_peagle copies neither flag, so vLLM would serve the draft without it.
-            raise SpecError(
-                f"{source}: field '{flag}' is true; vLLM serves P-EAGLE drafts without {flag}: set it false"
-            )
-    layout = eagle3_layout(cfg, source)
-    n_aux = len(cfg.eagle_aux_hidden_state_layer_ids or []) or 3
-    layout.required["mask_hidden"] = (
-        1,
-        n_aux * (cfg.target_hidden_size or layer_dims(cfg, source).hidden_size),
-    )
-    return layout
-
-
 # ---------------------------------------------------------------------------------------------
 # Building configs from a verifier.
 
@@ -363,34 +337,9 @@ def speculator_config(
     )
 
 
-def build_peagle_config(
-    verifier_cfg: dict, verifier: TargetInfo, aux_layer_ids: list[int], draft_vocab_size: int,
-    mask_token_id: int, speculative_tokens: int = 3, **kwargs,
-) -> SpeculatorConfig:  # fmt: skip
-    """A complete P-EAGLE config: EAGLE-3's (build_eagle3_config's arguments) plus the mask token."""
-    cfg = build_eagle3_config(
-        verifier_cfg, verifier, aux_layer_ids, draft_vocab_size, speculative_tokens, **kwargs
-    )
-    return as_peagle(cfg, mask_token_id)
-
-
-def as_peagle(cfg: SpeculatorConfig, mask_token_id: int) -> SpeculatorConfig:
-    """An EAGLE-3 config turned into P-EAGLE's (the same layer; `--init-from` an EAGLE-3 draft)."""
-    if cfg.fc_norm or cfg.norm_output:
-        raise SpecError("fc_norm / norm_output: vLLM serves P-EAGLE drafts without them; this draft uses one")
-    sc = msgspec.structs.replace(cfg.speculators_config, algorithm="peagle")
-    return msgspec.structs.replace(
-        cfg, speculators_model_type="peagle", speculators_config=sc, mask_token_id=mask_token_id,
-        fc_norm=False, norm_output=False, architectures=["PEagleSpeculator"],
-    )  # fmt: skip
-
-
 # The target layers `spec datagen --algorithm NAME` captures by default (capture ids, the last layer L
 # included for the training targets), by algorithm.
-DEFAULT_LAYERS: dict[str, Callable[[int], list[int]]] = {
-    "eagle3": default_eagle3_layers,
-    "peagle": default_eagle3_layers,
-}
+DEFAULT_LAYERS: dict[str, Callable[[int], list[int]]] = {"eagle3": default_eagle3_layers}
 
 
 def default_layers(algorithm: str, num_hidden_layers: int) -> list[int]:
@@ -402,5 +351,6 @@ def default_layers(algorithm: str, num_hidden_layers: int) -> list[int]:
     return fn(num_hidden_layers)
 
 
-# Further algorithms register themselves in their own module.
-import spec_format.dflash  # noqa: E402, F401
+# Further algorithms register themselves in their own module (this list: the one edit a new one needs here).
+import spec_format.dflash  # noqa: E402
+import spec_format.peagle  # noqa: E402, F401

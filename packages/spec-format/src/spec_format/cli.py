@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
@@ -25,6 +26,11 @@ ENTRY_POINT_GROUP = "spec.commands"
 PACKAGES = ("spec-format", "spec-datagen", "spec-models", "spec-train", "spec-convert")
 
 
+def comma_list(value: str, kind: type = int) -> list:
+    """ "2,15,27" (or "2, 15, 27", "2 15 27") -> [kind(v), ...]; ValueError on anything else."""
+    return [kind(v) for v in re.split(r"[,\s]+", value.strip()) if v]
+
+
 def comma_separated(kind: type, example: str):
     """A click option callback for subcommands: "2,15,27" -> [kind(v), ...] (None when not given); anything
     else is a usage error that shows `example`."""
@@ -34,7 +40,7 @@ def comma_separated(kind: type, example: str):
         if value is None:
             return None
         try:
-            return [kind(v) for v in value.replace(" ", "").split(",") if v]
+            return comma_list(value, kind)
         except ValueError:
             raise click.BadParameter(f"{value!r}: give comma-separated {noun}, e.g. {example}") from None
 

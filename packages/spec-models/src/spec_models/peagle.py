@@ -22,8 +22,9 @@ import msgspec
 import torch
 from torch import nn
 
-from spec_format.algorithms import as_peagle
 from spec_format.checkpoint import SpeculatorConfig
+from spec_format.fingerprint import read_model_config
+from spec_format.peagle import as_peagle
 from spec_models.drafting import KVCache, extend
 from spec_models.eagle3 import Eagle3Draft, init_eagle3_from_verifier
 from spec_models.ops import attend
@@ -124,8 +125,23 @@ def peagle_from_eagle3(draft: Eagle3Draft, mask_token_id: int, seed: int = 0) ->
     return model.to(next(draft.parameters()).device)
 
 
-def init_peagle_from_verifier(verifier_dir, mask_token_id: int, **eagle3_options) -> PEagleDraft:
+def init_peagle_from_verifier(
+    verifier_dir, mask_token_id: int | None = None, **eagle3_options
+) -> PEagleDraft:
     """A new P-EAGLE draft for the verifier: init_eagle3_from_verifier's start (same options) plus
-    mask_hidden ~ N(0, 1)."""
+    mask_hidden ~ N(0, 1); the mask token by default: default_mask_token."""
     draft = init_eagle3_from_verifier(verifier_dir, **eagle3_options)
-    return peagle_from_eagle3(draft, mask_token_id, eagle3_options.get("seed", 0))
+    mask = default_mask_token(verifier_dir) if mask_token_id is None else mask_token_id
+    return peagle_from_eagle3(draft, mask, eagle3_options.get("seed", 0))
+
+
+def default_mask_token(verifier_dir: str) -> int:
+    """P-EAGLE's token at drafted positions after the first: the verifier's pad token, else its unk, else
+    eos, else 0 (the embedding stays the verifier's). DFlash's is spec_models.dflash.default_mask_token."""
+    vcfg = read_model_config(verifier_dir)
+    for key in ("pad_token_id", "unk_token_id", "eos_token_id"):
+        v = vcfg.get(key)
+        v = v[0] if isinstance(v, list) and v else v
+        if isinstance(v, int) and 0 <= v < vcfg["vocab_size"]:
+            return v
+    return 0

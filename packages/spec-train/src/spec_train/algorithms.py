@@ -22,6 +22,8 @@ optimiser, resume, DDP/FSDP2, metrics, checkpoints) is train.py's and shared.
         tests hold accept_counts to.
     propose(draft, next_ids [B, L], aux [B, L, A], lengths [B], k) -> [B, k] target ids
         greedy proposals exactly as vLLM's drafter makes them (spec eval --offline replays rounds with it).
+    position_weights: "decay" or "dpace"
+        how the depths share the loss when the run sets neither --position-weights nor --step-weights.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Algorithm:
     accept_counts: Callable
     offline_counts: Callable
     propose: Callable
+    position_weights: str = "decay"
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -52,10 +55,11 @@ def register_algorithm(name: str, algorithm: Algorithm) -> None:
 
 
 def get_algorithm(name: str) -> Algorithm:
+    """The registered algorithm (its module imported on first use); a SpecError naming the known ones."""
     if name not in ALGORITHMS and name in BUILTIN:
         importlib.import_module(f"spec_train.{name}")
     if name not in ALGORITHMS:
         raise SpecError(
-            f"algorithm '{name}': spec train knows {', '.join(sorted(set(BUILTIN) | set(ALGORITHMS)))}"
+            f"--algorithm {name}: spec train knows {', '.join(sorted(set(BUILTIN) | set(ALGORITHMS)))}"
         )
     return ALGORITHMS[name]

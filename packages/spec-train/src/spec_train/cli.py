@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from spec_datagen.cli import DataPath
-from spec_format.cli import comma_separated
+from spec_format.cli import comma_list, comma_separated
 from spec_train.algorithms import BUILTIN
 
 
@@ -22,7 +22,7 @@ def _int_list(value: str, what: str, example: str) -> list[int]:
     from spec_format.errors import SpecError
 
     try:
-        levels = [int(v) for v in value.split(",") if v.strip()]
+        levels = comma_list(value)
     except ValueError:
         raise SpecError(f"{what} '{value}': expected comma-separated integers such as {example}") from None
     if not levels or min(levels) < 1:
@@ -133,12 +133,11 @@ def eval_cmd(
     from spec_format.errors import SpecError
     from spec_train.eval_prompts import load_prompts, warmup_prompt_ids
     from spec_train.evaluate import (
-        acceptance_stderr,
         evaluate,
         mismatch_message,
+        offline_report,
         speculative_configs,
         suffix_available,
-        write_report,
     )
 
     levels = _int_list(concurrency, "--concurrency", "1,8")
@@ -163,17 +162,7 @@ def eval_cmd(
     out = _stdout_for_json() if as_json else None
     mismatches: list[str] = []
     if offline:
-        from spec_train.simulate import simulate_draft
-
-        run = simulate_draft(draft_dir, verifier, ids, ks[0], max_tokens)
-        result = {
-            "offline": True, "num_prompts": len(ids), "k": ks[0], "max_tokens": max_tokens,
-            "generated_tokens": run.generated_tokens,
-            "draft": {"mean_acceptance_length": run.mean_acceptance_length,
-                      "acceptance_length_stderr": acceptance_stderr(run.per_prompt),
-                      "acceptance_per_position": run.counters.acceptance_per_position,
-                      "counters": msgspec.to_builtins(run.counters)},
-        }  # fmt: skip
+        result = msgspec.to_builtins(offline_report(draft_dir, verifier, ids, ks[0], max_tokens))
     else:
         evaluation = evaluate(
             draft_dir, verifier, ids, ks=ks, warmup=warmup_prompt_ids(verifier, ids), sources=[p.source for p in prompts],
@@ -184,11 +173,22 @@ def eval_cmd(
         if write_k and (allow_mismatch or not mismatches):
             old = write_speculative_tokens(draft_dir, evaluation.best_k)
             evaluation.written_k = {
-                "path": str(Path(draft_dir) / "config.json"),
+                "path": str(draft_dir / "config.json"),
                 "old": old,
                 "new": evaluation.best_k,
             }
         result = msgspec.to_builtins(evaluation)
+    _emit(result, draft_dir, report, out)
+    for i, message in enumerate(mismatches):
+        if i == 0 and not allow_mismatch:  # the report above is written first: nothing measured is lost
+            raise SpecError(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _emit(result: dict, draft_dir: Path, report: Path | None, out) -> None:
+    """The report directory (--report), then the one JSON object (--json) or the summary for a reader."""
+    from spec_train.evaluate import write_report
+
     if report is not None:
         write_report(result, report, f"{Path(draft_dir).name}, k={result['k']}")
     _write_card(draft_dir, result, sources)
@@ -197,10 +197,6 @@ def eval_cmd(
         out.flush()
     else:
         _print_summary(result)
-    for i, message in enumerate(mismatches):
-        if i == 0 and not allow_mismatch:  # the report above is written first: nothing measured is lost
-            raise SpecError(message)
-        print(f"warning: {message}", file=sys.stderr)
 
 
 def _write_card(draft_dir: Path, result: dict, sources) -> None:

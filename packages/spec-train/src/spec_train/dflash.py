@@ -26,14 +26,12 @@ from spec_format.errors import SpecError
 from spec_models.dflash import DFlashDraft, block_inputs, init_dflash_from_verifier, propose_dflash
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
-from spec_train.config import TrainConfig
+from spec_train.config import TrainConfig, default
 from spec_train.data import layer_indices, slot_uniforms, supervised_slots
-from spec_train.eagle3 import draft_vocabulary, load_init_draft
+from spec_train.drafts import draft_vocabulary, load_init_draft
 from spec_train.metrics import chain_counts
 from spec_train.offline import greedy_targets
 from spec_train.targets import VerifierHead
-
-DEFAULT_MAX_ANCHORS = 64
 
 
 def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
@@ -88,7 +86,7 @@ def _scatter(normed: torch.Tensor, anchors: torch.Tensor, T: int) -> torch.Tenso
 def forward(draft, batch: dict[str, torch.Tensor], steps: int, attn: str, cfg: TrainConfig | None = None):
     valid = supervised_slots(batch["loss_mask"], batch["position_ids"], steps)  # [S, T]
     T, dev = valid.shape[1], valid.device
-    n = min(cfg.max_anchors if cfg is not None else DEFAULT_MAX_ANCHORS, T)
+    n = min(cfg.max_anchors if cfg is not None else default("max_anchors"), T)
     score = torch.where(valid[0], slot_uniforms(batch), -1.0)
     top = score.topk(n).indices  # slots t; anchors a = t + 1
     chosen = score[top] >= 0
@@ -102,13 +100,13 @@ def slot_counts(
     loss_mask: torch.Tensor, position_ids: torch.Tensor, steps: int, cfg: TrainConfig | None = None
 ):
     valid = supervised_slots(loss_mask, position_ids, steps)
-    n = cfg.max_anchors if cfg is not None else DEFAULT_MAX_ANCHORS
+    n = cfg.max_anchors if cfg is not None else default("max_anchors")
     return valid.sum(-1).float() * min(1.0, n / max(1, int(valid[0].sum())))
 
 
 @torch.no_grad()
 def block_counts(
-    draft: DFlashDraft, head: VerifierHead, batch: dict, k: int, anchors_per_pass: int = DEFAULT_MAX_ANCHORS,
+    draft: DFlashDraft, head: VerifierHead, batch: dict, k: int, anchors_per_pass: int = 64,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(accepted [k], reached [k]) over every anchor of one packed row (data.RowLoader.load): the chains
@@ -147,5 +145,6 @@ def offline_counts(draft, head, sample, k):
 
 
 register_algorithm(
-    "dflash", Algorithm(build_draft, forward, slot_counts, accept_counts, offline_counts, propose_dflash)
+    "dflash",
+    Algorithm(build_draft, forward, slot_counts, accept_counts, offline_counts, propose_dflash, "dpace"),
 )

@@ -113,6 +113,25 @@ class EvalReport(msgspec.Struct):
     written_k: dict | None = None  # {"path", "old", "new"} when --write-k wrote the draft's k
 
 
+class OfflineDraft(msgspec.Struct):
+    mean_acceptance_length: float
+    acceptance_length_stderr: float  # over prompts
+    acceptance_per_position: list[float]
+    counters: SpecDecodeCounters
+
+
+class OfflineReport(msgspec.Struct, kw_only=True):
+    """`spec eval --offline`: acceptance from verification rounds replayed with the target in
+    transformers (spec_train.simulate), no vLLM and no timing."""
+
+    offline: bool = True
+    num_prompts: int
+    k: int
+    max_tokens: int
+    generated_tokens: int
+    draft: OfflineDraft
+
+
 class Config(msgspec.Struct):
     """One engine configuration to measure."""
 
@@ -324,6 +343,23 @@ def evaluate(
         max_tokens=max_tokens, temperature=temperature, verifier=str(verifier), draft_dir=str(draft_dir),
         rounds=rounds, best_k=best["1"], best_k_by_concurrency=best, per_k=per_k, mismatches=mismatches,
     )  # fmt: skip
+
+
+def offline_report(
+    draft_dir, verifier: str, prompts: list[list[int]], k: int, max_tokens: int
+) -> OfflineReport:
+    """`spec eval --offline`: the draft's acceptance at k over `prompts`, the target in transformers."""
+    from spec_train.simulate import simulate_draft
+
+    run = simulate_draft(draft_dir, verifier, prompts, k, max_tokens)
+    draft = OfflineDraft(
+        mean_acceptance_length=run.mean_acceptance_length,
+        acceptance_length_stderr=acceptance_stderr(run.per_prompt),
+        acceptance_per_position=run.counters.acceptance_per_position,
+        counters=run.counters,
+    )
+    return OfflineReport(num_prompts=len(prompts), k=k, max_tokens=max_tokens,
+                         generated_tokens=run.generated_tokens, draft=draft)  # fmt: skip
 
 
 def find_mismatches(

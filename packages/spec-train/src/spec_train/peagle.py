@@ -16,29 +16,19 @@ import torch
 
 from spec_format.dataset import Dataset
 from spec_format.errors import SpecError
-from spec_format.fingerprint import read_model_config
 from spec_models import forward_parallel, peagle_from_eagle3, propose_parallel
+from spec_models.peagle import default_mask_token
 from spec_train import distributed
 from spec_train.algorithms import Algorithm, register_algorithm
-from spec_train.config import TrainConfig
+from spec_train.config import TrainConfig, default
 from spec_train.data import slot_uniforms, supervised_slots
-from spec_train.eagle3 import load_init_draft, new_eagle3_draft
+from spec_train.drafts import load_init_draft
+from spec_train.eagle3 import new_eagle3_draft
 from spec_train.metrics import chain_counts
 from spec_train.offline import _draft_tokens, _match, greedy_targets
 from spec_train.targets import VerifierHead
 
 PAD_QUERIES = 64  # a row's query count is padded to a multiple (CPU bf16 compiles a kernel per shape)
-
-
-def default_mask_token(verifier_dir: str) -> int:
-    """The verifier's pad token, else its unk, else eos, else 0 (the embedding stays the verifier's)."""
-    vcfg = read_model_config(verifier_dir)
-    for key in ("pad_token_id", "unk_token_id", "eos_token_id"):
-        v = vcfg.get(key)
-        v = v[0] if isinstance(v, list) and v else v
-        if isinstance(v, int) and 0 <= v < vcfg["vocab_size"]:
-            return v
-    return 0
 
 
 def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
@@ -58,7 +48,7 @@ def build_draft(cfg: TrainConfig, ds: Dataset, d: distributed.Dist):
 
 def cod_rates(steps: int, cfg: TrainConfig | None) -> torch.Tensor:
     """[S] fraction of slots each depth runs: 1 at depth 0, max(ratio**d, min) after (non-increasing)."""
-    ratio, floor = (0.7, 0.2) if cfg is None else (cfg.cod_ratio, cfg.cod_min)
+    ratio, floor = (default("cod_ratio"), default("cod_min")) if cfg is None else (cfg.cod_ratio, cfg.cod_min)
     return torch.tensor([1.0] + [min(1.0, max(ratio**d, floor)) for d in range(1, steps)])
 
 

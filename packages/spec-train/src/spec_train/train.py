@@ -158,7 +158,110 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# The training run.
+# The training run: train() below, and the pieces it calls in order.
+
+
+def open_data(cfg: TrainConfig, d: distributed.Dist):
+    """The dataset, every shard's structure checked now rather than mid-epoch (contents: spec validate
+    --deep); online, the rows tokenized, nothing captured yet (spec_train.online)."""
+    if cfg.online:
+        from spec_train import online
+
+        if d.world > 1 and cfg.cache:
+            raise SpecError("--cache is written by one process; under torchrun use spec datagen instead")
+        return online.OnlineData(cfg.online, cfg.data, cfg.algorithm, cfg.max_len, cfg.long, cfg.on_error)
+    ds = Dataset(cfg.dataset)
+    if len(ds) == 0:
+        raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
+    for k in range(len(ds.manifest.shards)):
+        ds.shard(k)
+    return ds
+
+
+def training_stream(cfg: TrainConfig, ds, train_samples: np.ndarray, d: distributed.Dist):
+    """The packed rows of the training samples, epoch after epoch; online under torchrun, each rank trains
+    on the share of the rows its own engine captures."""
+    if cfg.online and d.world > 1:
+        from spec_train import online
+
+        return online.sharded_stream(ds, train_samples, cfg, d.world)
+    return Stream(train_samples, ds.lengths, cfg.batch_tokens, cfg.seed)
+
+
+def schedule(cfg: TrainConfig, stream, rows_per_step: int) -> tuple[int, int, int, int]:
+    """(total steps, warmup steps, save every, evaluate every), the defaults computed from the run."""
+    if cfg.max_steps:
+        total = cfg.max_steps
+    else:
+        total = max(1, stream.rows_for_epochs(cfg.epochs or 1.0) // rows_per_step)
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(config_mod.WARMUP_SHARE * total))
+    )
+    save_every = cfg.save_every or max(1, math.ceil(total / config_mod.CHECKPOINTS_PER_RUN))
+    return total, warmup, save_every, cfg.eval_every or save_every
+
+
+def optimizer(params: list[torch.Tensor], cfg: TrainConfig, d: distributed.Dist) -> torch.optim.AdamW:
+    """AdamW on the fp32 parameters (bf16 is autocast compute only); no decay on 1-D tensors."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=d.device.type == "cuda")
+
+
+def resume(ckpt: Path, model, opt, trained: set[str], cfg: TrainConfig, d: distributed.Dist):
+    """Weights, optimiser state and this rank's RNG from checkpoint `ckpt`; returns (step, tokens,
+    elapsed seconds, (best step, best acceptance length)). Republishes final/ from it, which a kill may
+    have left half-updated."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    w, osd, st, rng = state.load_checkpoint(ckpt)
+    if set(w) != trained:
+        raise SpecError(
+            f"{ckpt}: holds weights {sorted(set(w) ^ trained)[:3]}... that do not match this draft"
+        )
+    set_state_dict(model, opt, model_state_dict=w, optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
+    state.set_rng_state(rng[d.rank])
+    if d.main:
+        state.publish(ckpt, Path(cfg.out) / state.FINAL)
+        write_card(Path(cfg.out) / state.FINAL)
+    return st.step, st.tokens, st.elapsed_s, (st.best_step, st.best_acceptance_length)
+
+
+def non_finite_loss(cfg: TrainConfig, ds, stream, step: int, d: distributed.Dist) -> SpecError:
+    """The error for a NaN/inf loss at `step`: the samples of this rank's rows, and where they came from."""
+    rows = [i for gr in step_rows(step, d.rank, d.world, cfg.grad_accum) for i, _ in stream.row(gr)]
+    if cfg.online:
+        where = f"captured online from {cfg.online}; the capture may be broken"
+    else:
+        files = sorted({ds.manifest.shards[ds.locate(i)[0]].file for i in rows})
+        where = (f"in {', '.join(files)}; the dataset may be corrupted: run "
+                 f"`spec validate --deep {cfg.dataset}`")  # fmt: skip
+    return SpecError(
+        f"non-finite loss at step {step + 1} (samples {rows[:8]} {where}). Checkpoints up to "
+        f"step {step} are intact."
+    )
+
+
+def evaluate_and_log(model, rows, eval_loader, cfg, d, dtype, weights, log, bar, step: int) -> float | None:
+    """Evaluate at `step` on the validation rows (loss and simulated acceptance) and on training rows
+    (acceptance); log both. Returns the validation acceptance length (None without validation rows)."""
+    val_rows, train_eval_rows = rows
+    val_len = None
+    if val_rows:
+        r = evaluate(model, val_rows, eval_loader, cfg, d, dtype, weights, with_loss=True)
+        val_len = r["acceptance_length"]
+        if d.main:
+            log.write({"split": "val", "step": step, **r})
+    r = evaluate(model, train_eval_rows, eval_loader, cfg, d, dtype, weights, with_loss=False)
+    if d.main:
+        log.write({"split": "train_eval", "step": step, **r})
+        shown = val_len if val_len is not None else r["acceptance_length"]
+        bar.write(f"[spec train] step {step}: acceptance length {shown:.3f} "
+                  f"({'validation' if val_rows else 'training rows'})", file=sys.stderr)  # fmt: skip
+    return val_len
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -175,20 +278,8 @@ def train(cfg: TrainConfig) -> Path:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # --- data: a dataset, or online the rows tokenized (no capture yet: spec_train.online)
-    if cfg.online:
-        from spec_train import online
-
-        if d.world > 1 and cfg.cache:
-            raise SpecError("--cache is written by one process; under torchrun use spec datagen instead")
-        ds = online.OnlineData(cfg.online, cfg.data, cfg.algorithm, cfg.max_len, cfg.long, cfg.on_error)
-    else:
-        ds = Dataset(cfg.dataset)
-        if len(ds) == 0:
-            raise SpecError(f"{cfg.dataset}: the dataset holds no samples")
-        # The structure of every shard is checked now, not mid-epoch (contents: spec validate --deep).
-        for k in range(len(ds.manifest.shards)):
-            ds.shard(k)
+    # --- data
+    ds = open_data(cfg, d)
     algo = get_algorithm(cfg.algorithm)
     draft, aux_idx, last_idx = algo.build_draft(cfg, ds, d)
     data_facts, hardware = run_facts(ds, draft), describe_hardware()  # for the model card
@@ -197,20 +288,9 @@ def train(cfg: TrainConfig) -> Path:
         d.say(f"{len(ds)} sample(s): too few to hold any out; training without validation "
                 "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
     lengths = ds.lengths
-    if cfg.online and d.world > 1:  # each rank trains on the share of the rows its own engine captures
-        stream = online.sharded_stream(ds, split.train, cfg, d.world)
-    else:
-        stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
+    stream = training_stream(cfg, ds, split.train, d)
     G = d.world * cfg.grad_accum
-    if cfg.max_steps:
-        total = cfg.max_steps
-    else:
-        total = max(1, stream.rows_for_epochs(cfg.epochs or 1.0) // G)
-    warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(config_mod.WARMUP_SHARE * total))
-    )
-    save_every = cfg.save_every or max(1, math.ceil(total / config_mod.CHECKPOINTS_PER_RUN))
-    eval_every = cfg.eval_every or save_every
+    total, warmup, save_every, eval_every = schedule(cfg, stream, G)
     val_rows = Rows(split.val, lengths, cfg.batch_tokens)
     val_rows = [val_rows.row(i) for i in range(min(len(val_rows), cfg.max_eval_rows))]
     first = stream.epoch(0)
@@ -233,43 +313,24 @@ def train(cfg: TrainConfig) -> Path:
     head.to(dtype=dtype)
     model = distributed.wrap(objective, d, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
-
-    # --- optimiser: AdamW on the fp32 parameters (bf16 is autocast compute only); no decay on 1-D tensors
-    decay = [p for p in params if p.ndim >= 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=d.device.type == "cuda")
+    opt = optimizer(params, cfg, d)
 
     # --- resume
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     ckpt = prepare_run_dir(cfg, d)
-    start, tokens_done, elapsed0, best = 0, 0, 0.0, (None, None)
     # What a checkpoint stores to resume: the state dict less frozen parameters (the verifier's embeddings).
     frozen = {n for n, p in objective.named_parameters() if not p.requires_grad}
     trained = set(objective.state_dict()) - frozen
+    start, tokens_done, elapsed0, best = 0, 0, 0.0, (None, None)
     if ckpt is not None:
-        w, osd, st, rng = state.load_checkpoint(ckpt)
-        if set(w) != trained:
-            raise SpecError(
-                f"{ckpt}: holds weights {sorted(set(w) ^ trained)[:3]}... that do not match this draft"
-            )
-        set_state_dict(model, opt, model_state_dict=w, optim_state_dict=osd,
-                       options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
-        state.set_rng_state(rng[d.rank])
-        start, tokens_done, elapsed0 = st.step, st.tokens, st.elapsed_s
-        best = (st.best_step, st.best_acceptance_length)
+        start, tokens_done, elapsed0, best = resume(ckpt, model, opt, trained, cfg, d)
         d.say(f"resumed from {ckpt} (step {start} of {total})")
-        if d.main:
-            state.publish(
-                ckpt, Path(cfg.out) / state.FINAL
-            )  # repairs final/ if a kill interrupted its update
-            write_card(Path(cfg.out) / state.FINAL)
     log = MetricsLog(Path(cfg.out), start if ckpt is not None else None, cfg.tensorboard) if d.main else None
     feed = train_src = eval_src = None
     if cfg.online:  # the capture process starts (ended at exit, or below); evaluation samples come first
+        from spec_train import online
+
         d.say(f"starting the capture engine on {cfg.online} in its own process")
         train_src, eval_src, feed = online.start(cfg, ds, stream, split.val, val_rows, train_eval_rows,
                                                  start, total, d)  # fmt: skip
@@ -350,17 +411,7 @@ def train(cfg: TrainConfig) -> Path:
         per = (stats[0] / stats[2].clamp(min=1)).tolist()
         loss_value = sum(w * x for w, x in zip(weights, per))
         if not math.isfinite(loss_value):
-            rows = [i for gr in step_rows(step, d.rank, d.world, cfg.grad_accum) for i, _ in stream.row(gr)]
-            if cfg.online:
-                where = f"captured online from {cfg.online}; the capture may be broken"
-            else:
-                files = sorted({ds.manifest.shards[ds.locate(i)[0]].file for i in rows})
-                where = (f"in {', '.join(files)}; the dataset may be corrupted: run "
-                         f"`spec validate --deep {cfg.dataset}`")  # fmt: skip
-            raise SpecError(
-                f"non-finite loss at step {step + 1} (samples {rows[:8]} {where}). Checkpoints up to "
-                f"step {step} are intact."
-            )
+            raise non_finite_loss(cfg, ds, stream, step, d)
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
         )
@@ -382,17 +433,8 @@ def train(cfg: TrainConfig) -> Path:
                        "tokens_per_s": tok.item() / dt, "elapsed_s": elapsed0 + time.time() - t_start})  # fmt: skip
         val_len = None
         if done % eval_every == 0 or done % save_every == 0 or done == total:
-            if val_rows:
-                r = evaluate(model, val_rows, eval_loader, cfg, d, dtype, weights, with_loss=True)
-                val_len = r["acceptance_length"]
-                if d.main:
-                    log.write({"split": "val", "step": done, **r})
-            r = evaluate(model, train_eval_rows, eval_loader, cfg, d, dtype, weights, with_loss=False)
-            if d.main:
-                log.write({"split": "train_eval", "step": done, **r})
-                shown = val_len if val_len is not None else r["acceptance_length"]
-                bar.write(f"[spec train] step {done}: acceptance length {shown:.3f} "
-                          f"({'validation' if val_rows else 'training rows'})", file=sys.stderr)  # fmt: skip
+            rows = (val_rows, train_eval_rows)
+            val_len = evaluate_and_log(model, rows, eval_loader, cfg, d, dtype, weights, log, bar, done)
         if done % save_every == 0 or done == total:
             save(done, val_len)
     bar.close()
