@@ -117,7 +117,10 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dtype: Annotated[Literal["auto", "fp32", "bf16"], Help(
         "Compute precision (weights and optimiser state stay fp32); auto: bf16 on GPUs and CPUs with AMX, "
         "else fp32.")] = "auto"
-    attn: Literal["sdpa", "flex"] = "sdpa"
+    attn: Annotated[Literal["auto", "sdpa", "flex", "blockwise"], Help(
+        "Training attention: sdpa (a dense mask over every TTT step's keys), flex (block-sparse, GPUs), "
+        "blockwise (CPU: causal flash attention per document plus the diagonal keys, exact; cost T^2/2, not "
+        "S*T^2) or auto (blockwise on CPUs from 1024-token rows, else sdpa).")] = "auto"
     fsdp: Annotated[bool, Help("FSDP2 (fully_shard) instead of DDP when several processes run.")] = False
     world_size: int = 1  # filled in at start-up from torchrun's environment (no flag)
 
