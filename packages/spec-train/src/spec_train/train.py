@@ -35,6 +35,7 @@ from spec_train.data import (
     RowLoader,
     Rows,
     Stream,
+    cut_report,
     row_pad_multiple,
     step_rows,
     train_batches,
@@ -183,6 +184,9 @@ def train(cfg: TrainConfig) -> Path:
         stream = online.sharded_stream(ds, split.train, cfg, d.world)
     else:
         stream = Stream(split.train, lengths, cfg.batch_tokens, cfg.seed)
+    cut = cut_report(ds, split.train, cfg.batch_tokens)
+    if cut:
+        d.say(cut)
     G = d.world * cfg.grad_accum
     if cfg.max_steps:
         total = cfg.max_steps
