@@ -201,7 +201,7 @@ def datagen(
     import shlex
 
     from spec_datagen.capture import validate_layer_ids
-    from spec_datagen.pipeline import Capturer, write_dataset
+    from spec_datagen.pipeline import Capturer, check_max_len, write_dataset
     from spec_datagen.targets import check_target
     from spec_format.algorithms import default_layers
     from spec_format.fingerprint import read_model_config
@@ -212,6 +212,7 @@ def datagen(
     n = read_model_config(target)["num_hidden_layers"]
     # Validated before the engine starts (a minute) so that a typo fails at once.
     layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)
+    check_max_len(target, max_len)
     ctx = click.get_current_context()
     layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
     if data_parallel_size > 1:
