@@ -214,6 +214,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- model
     draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
+    draft.gradient_checkpointing = cfg.gradient_checkpointing
     head = VerifierHead(cfg.verifier, (torch.arange(len(draft.d2t)) + draft.d2t).numpy())
     objective = Objective(draft, head, cfg.ttt_steps, cfg.loss, cfg.loss_chunk, cfg.attn, cfg).to(d.device)
     head.to(dtype=dtype)
