@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spec_format.errors import SpecError
 from spec_models.blockwise import doc_causal_attention, document_spans, stack_own
 from spec_models.ops import attend
 
@@ -71,6 +72,10 @@ def pick_attn(attn: str, device: torch.device, T: int) -> str:
     """The attention forward_ttt and forward_parallel run: `attn` itself, or for "auto" the fastest
     measured (docs/training.md, tools/bench_long.py): blockwise on CPUs from BLOCKWISE_FROM tokens,
     else the dense mask."""
+    if attn == "blockwise" and device.type != "cpu":
+        raise SpecError(
+            f"--attn blockwise runs on CPUs (aten's CPU flash kernels); on {device.type} use sdpa or flex"
+        )
     if attn != "auto":
         return attn
     return "blockwise" if device.type == "cpu" and T >= BLOCKWISE_FROM else "sdpa"
