@@ -92,9 +92,9 @@ CONFIGS = [("eagle3", "sdpa"), ("eagle3", "blockwise"), ("peagle", "sdpa"), ("pe
            ("dflash", "sdpa")]  # fmt: skip
 
 
-def bench(lengths: list[int], steps: int, timeout: int) -> list[dict]:
+def bench(lengths: list[int], steps: int, timeout: int, algorithms: list[str]) -> list[dict]:
     results = []
-    for algorithm, attn in CONFIGS:
+    for algorithm, attn in [c for c in CONFIGS if c[0] in algorithms]:
         for T in lengths:
             cmd = [sys.executable, __file__, "run", algorithm, attn, str(T), "--steps", str(steps)]
             try:
@@ -165,13 +165,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,2048,4096,8192")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=600, help="Seconds per configuration.")
+    ap.add_argument("--algorithms", default="eagle3,peagle,dflash")
     ap.add_argument("--json", type=Path, help="Write the results here.")
     ap.add_argument("--png", type=Path, help="Write the chart here.")
     a = ap.parse_args()
     if a.cmd == "run":
         print(json.dumps(run_one(a.algorithm, a.attn, a.tokens, a.steps)))
         return
-    results = bench([int(x) for x in a.lengths.split(",")], a.steps, a.timeout)
+    results = bench([int(x) for x in a.lengths.split(",")], a.steps, a.timeout, a.algorithms.split(","))
     print(table(results))
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
