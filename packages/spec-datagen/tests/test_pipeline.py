@@ -170,3 +170,19 @@ def test_non_finite_captured_states_are_skipped_and_counted(tmp_path, demo_model
     assert "input row 1: the target's hidden states hold NaN/Inf; skipped" in said
     assert Dataset(tmp_path / "out").source_indices.tolist() == [0, 2]
     assert validate_dataset(tmp_path / "out", deep=True) == []
+
+
+def test_max_len_up_to_the_context_and_one_line_above_it(demo_model):
+    """--max-len 8192 on SmolLM2 (its context): the capture engine gets max_model_len 8193 (the prompt plus
+    the sampled token) with model_max_length raised to allow it; 8193 is refused before any engine."""
+    from spec_datagen.pipeline import Capturer
+
+    with pytest.raises(SpecError) as e:
+        Capturer(demo_model, max_len=8193)
+    assert str(e.value) == (
+        f"--max-len 8193 is longer than the target's context: max_position_embeddings is 8192 in "
+        f"{demo_model / 'config.json'}; pass --max-len 8192 or less"
+    )
+    kw = Capturer(demo_model, max_len=8192)._engine_kwargs
+    assert kw["max_model_len"] == 8193 and kw["hf_overrides"] == {"model_max_length": 8193}
+    assert "hf_overrides" not in Capturer(demo_model, max_len=2048)._engine_kwargs

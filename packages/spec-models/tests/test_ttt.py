@@ -133,3 +133,45 @@ def test_training_forward_compiles_fullgraph(random_model):
     torch.testing.assert_close(compiled, eager)
     for n, g in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1:3], ids=lambda c: f"{c['layer_type']}-{c['num_layers']}")
+def test_blockwise_attention_equals_dense_mask_with_gradients(cfg, random_model):
+    """The blockwise path (per-document causal flash attention + the diagonal keys, merged by log-sum-exp)
+    computes the dense mask's outputs and gradients (fp64), documents of several lengths packed in a row."""
+    model = random_model(**cfg).double()
+    step_ids, aux, pos = packed_batch([9, 1, 14], 3)
+    aux = aux.double().requires_grad_(True)
+    w = torch.randn(3, 2, 24, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for attn in ("sdpa", "blockwise"):
+        out = forward_ttt(model, step_ids, aux, pos, attn=attn)
+        params = [aux] + [p for p in model.parameters() if p.requires_grad]
+        grads.append((out, torch.autograd.grad((out * w).sum(), params, allow_unused=True)))
+    (dense, g_dense), (block, g_block) = grads
+    torch.testing.assert_close(block, dense, rtol=1e-10, atol=1e-10)
+    assert g_block[0].abs().sum() > 0
+    for a, b in zip(g_block, g_dense):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "blockwise"])
+def test_gradient_checkpointing_gives_the_same_gradients(attn, random_model):
+    """Activation checkpointing of the draft layers recomputes them in the backward: same gradients."""
+    model = random_model(num_layers=2, layer_type="qwen3")
+    step_ids, aux, pos = packed_batch([9, 6], 3)
+    grads, calls = [], []
+    model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        calls.clear()
+        out = forward_ttt(model, step_ids, aux, pos, attn=attn)
+        model.zero_grad()
+        model.lm_head(out).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert len(calls) == (6 if on else 3)  # 3 TTT steps; checkpointed: each recomputed in the backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6)

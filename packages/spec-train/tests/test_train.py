@@ -418,3 +418,24 @@ def test_peagle_fine_tunes_an_eagle3_draft_and_resumes_exactly(baseline, ds, ver
     assert killed.returncode == -signal.SIGKILL
     run_train([*args(tmp_path / "b"), "--resume"])
     _assert_same_weights(weights(tmp_path / "b", 4), weights(tmp_path / "a", 4))
+
+
+def test_cut_samples_are_counted_with_their_supervised_tokens(ds):
+    """No silent loss: samples longer than --batch-tokens are reported with the supervised tokens past the
+    budget (counted here from the loss masks themselves) and the flag value that keeps them whole."""
+    from spec_format.dataset import Dataset
+    from spec_train.data import cut_report
+
+    data = Dataset(ds)
+    samples = np.arange(len(data))
+    budget = int(np.median(data.lengths))
+    masks = [data.raw(i).loss_mask for i in samples]
+    long = [m for m in masks if len(m) > budget]
+    lost, total = sum(int(m[budget:].sum()) for m in long), sum(int(m.sum()) for m in masks)
+    line = cut_report(data, samples, budget)
+    assert 0 < lost < total
+    assert f"{len(long)} of {len(samples)} training samples are longer than --batch-tokens {budget}" in line
+    assert f"{lost} of {total} supervised tokens" in line
+    keep = int(line.rsplit("--batch-tokens ", 1)[1].split()[0])
+    assert keep % 128 == 0 and keep >= data.lengths.max()
+    assert cut_report(data, samples, int(data.lengths.max())) is None

@@ -253,7 +253,7 @@ def datagen(
     from spec_datagen.capture import validate_layer_ids
     from spec_datagen.heldout import HeldOut, default_sets
     from spec_datagen.hub import is_hub, resolve
-    from spec_datagen.pipeline import Capturer, write_dataset
+    from spec_datagen.pipeline import Capturer, check_max_len, write_dataset
     from spec_datagen.targets import check_target
     from spec_format.algorithms import default_layers
     from spec_format.dataset import DataInfo, DataSource
@@ -272,6 +272,7 @@ def datagen(
     # Validated before the engine starts (a minute) so that a typo fails at once; the cheap checks come
     # before the pairing check, which imports vLLM (10 s).
     layer_ids = validate_layer_ids(layers or default_layers(algorithm, n), n)
+    check_max_len(target, max_len)
     ctx = click.get_current_context()
     layers = ",".join(map(str, layer_ids))  # recorded resolved, defaults spelled out
     sources = [resolve(d, seed) if is_hub(d) else d for d in data]  # id, config, split, revision; or one line

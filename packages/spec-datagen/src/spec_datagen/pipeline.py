@@ -168,6 +168,18 @@ def tokenized_samples(
         yield sample
 
 
+def check_max_len(model: str | os.PathLike, max_len: int) -> int | None:
+    """The target's context (max_position_embeddings; None if its config has none); a SpecError when
+    max_len exceeds it. Checked before any engine starts."""
+    context = read_model_config(model).get("max_position_embeddings")
+    if context and max_len > int(context):
+        raise SpecError(
+            f"--max-len {max_len} is longer than the target's context: max_position_embeddings is {context} in "
+            f"{Path(model) / 'config.json'}; pass --max-len {context} or less"
+        )
+    return int(context) if context else None
+
+
 class Capturer:
     """Captures hidden states of a target for conversations; a context manager that owns its engine.
 
@@ -195,6 +207,7 @@ class Capturer:
         self.model = Path(model)
         self.config = read_model_config(model)
         self.max_len = max_len
+        context = check_max_len(model, max_len)
         self.renderer = ChatRenderer.for_model(
             model, chat_template, template_kwargs=template_kwargs, rewritten=rewritten
         )
@@ -208,6 +221,12 @@ class Capturer:
                 tensor_parallel_size=tensor_parallel_size,
                 **(engine_kwargs or {}),
             )
+            if context is not None and max_len + 1 > context:
+                # vLLM refuses a prompt as long as max_model_len (one token must be sampled), and a
+                # max_model_len over the config's context unless model_max_length allows it. The sampled
+                # token is never run through the model: every position computed stays below the context.
+                hf = dict(self._engine_kwargs.get("hf_overrides") or {})
+                self._engine_kwargs["hf_overrides"] = {"model_max_length": max_len + 1, **hf}
         else:
             self.layer_ids = capture_layer_ids(llm)
             if layer_ids is not None and sorted(layer_ids) != self.layer_ids:

@@ -27,7 +27,7 @@ from spec_format.dflash import build_dflash_config
 from spec_format.errors import SpecError
 from spec_format.fingerprint import fingerprint_model_dir, read_model_config
 from spec_format.vocab import VocabMapping
-from spec_models.layers import MLP, DraftDims, SelfAttention, draft_dims
+from spec_models.layers import MLP, DraftDims, SelfAttention, draft_dims, run_layer
 from spec_models.ops import RMSNorm, add_rms_norm, apply_rope, attend, rope_cos_sin, rope_inv_freq
 from spec_models.registry import register_draft
 from spec_models.verifier import layer_names, read_verifier_tensors, start_from_verifier
@@ -148,7 +148,7 @@ class DFlashDraft(nn.Module):
         ccos, csin = rope_cos_sin(self.inv_freq, ctx_pos)
         x, residual = self.embed_tokens(ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, ctx, ccos, csin, mask)
+            x, residual = run_layer(self, layer, x, residual, cos, sin, ctx, ccos, csin, mask)
         return add_rms_norm(self.norm, x, residual)[0]
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from spec_format.checkpoint import SpeculatorConfig
 from spec_format.errors import SpecError
 from spec_format.fingerprint import default_eagle3_layers, fingerprint_model_dir, read_model_config
 from spec_format.vocab import VocabMapping
-from spec_models.layers import AttentionFn, DecoderLayer, DraftDims, draft_dims
+from spec_models.layers import AttentionFn, DecoderLayer, DraftDims, draft_dims, run_layer
 from spec_models.ops import RMSNorm, add_rms_norm, rope_cos_sin, rope_inv_freq
 from spec_models.registry import register_draft
 from spec_models.verifier import layer_names, read_verifier_tensors, start_from_verifier
@@ -147,7 +147,7 @@ class Eagle3Draft(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, pos)
         x, residual = hidden, None
         for layer in self.layers:
-            x, residual = layer(embeds, x, residual, cos, sin, attention)
+            x, residual = run_layer(self, layer, embeds, x, residual, cos, sin, attention)
         normed, prenorm = add_rms_norm(self.norm, x, residual)
         return normed, (normed if self.spec.norm_output else prenorm)
 

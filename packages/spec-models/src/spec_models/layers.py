@@ -91,6 +91,18 @@ class SelfAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, Q, self.heads * self.head_dim))
 
 
+def run_layer(model: nn.Module, layer: nn.Module, *args):
+    """layer(*args), with activation checkpointing when `model.gradient_checkpointing` is set (spec train
+    --gradient-checkpointing) and gradients are on: the layer's activations are recomputed in the
+    backward instead of kept, so memory per layer is its inputs only. Attention functions called again
+    in the recomputation must give the same result (ttt.forward_ttt keeps its keys once)."""
+    if getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class MLP(nn.Module):
     """Dense SwiGLU MLP (also for MoE targets: the draft stays dense)."""
 

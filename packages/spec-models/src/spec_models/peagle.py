@@ -25,11 +25,13 @@ from torch import nn
 from spec_format.checkpoint import SpeculatorConfig
 from spec_format.fingerprint import read_model_config
 from spec_format.peagle import as_peagle
+from spec_models.blockwise import doc_causal_attention, document_spans, stack_own
 from spec_models.drafting import KVCache, extend
 from spec_models.eagle3 import Eagle3Draft, init_eagle3_from_verifier
+from spec_models.layers import AttentionFn
 from spec_models.ops import attend
 from spec_models.registry import register_draft
-from spec_models.ttt import document_ids
+from spec_models.ttt import document_ids, pick_attn
 
 
 @register_draft("peagle")
@@ -63,28 +65,67 @@ def forward_parallel(
     aux: torch.Tensor,
     position_ids: torch.Tensor,
     anchors: list[torch.Tensor],
+    attn: str = "auto",
+    padding: int = 0,
 ) -> torch.Tensor:
     """All drafted depths of one packed row in one forward.
 
     next_ids [T] (slot t: x_{t+1}); aux [T, n_aux*target_hidden] (a_t); position_ids [T];
     anchors[d-1] [n_d]: the slots whose depth d runs (each among depth d-1's; depth 0 runs every slot).
     Returns normed [T + sum n_d, H]: the lm_head inputs of depth 0 (slots 0..T-1), then depth 1's anchors,
-    depth 2's, ... Depth d at slot t predicts x_{t+2+d}.
+    depth 2's, ... Depth d at slot t predicts x_{t+2+d}. attn: "sdpa" (a dense [Q, Q] mask), "blockwise"
+    (CPU: per depth, causal flash attention over the depth-0 keys plus the chain's own keys,
+    spec_models.blockwise) or "auto" (ttt.pick_attn); anchor lists sorted (nonzero() gives them so).
+    padding: queries added after the last depth's (one more depth, at slot 0: they read, nobody reads
+    them) so that rows come in a few shapes; their outputs, at the end, are garbage.
     """
     T, dev = next_ids.shape[0], next_ids.device
+    real = anchors
+    if padding:
+        anchors = anchors + [torch.zeros(padding, dtype=torch.long, device=dev)]
     slot = torch.cat([torch.arange(T, device=dev), *anchors])
     depth = torch.cat([torch.zeros(T, dtype=torch.long, device=dev)]
                       + [torch.full((len(a),), d + 1, device=dev) for d, a in enumerate(anchors)])  # fmt: skip
     n = len(slot) - T
     ids = torch.cat([next_ids, next_ids.new_full((n,), model.mask_token_id)])
     hidden = torch.cat([model.combine(aux), model.mask_state().expand(n, -1)])
-    mask = parallel_mask(slot, depth, position_ids)
+    if pick_attn(attn, dev, T) == "blockwise":
+        attention = _blockwise_attention(T, real, document_spans(position_ids[None]))
+    else:
+        mask = parallel_mask(slot, depth, position_ids)
 
-    def attention(i, q, k, v):
-        return attend(q, k, v, mask)
+        def attention(i, q, k, v):
+            return attend(q, k, v, mask)
 
     normed, _ = model(ids[None], hidden[None], (position_ids[slot] + depth)[None], attention)
     return normed[0]
+
+
+def _blockwise_attention(T: int, anchors: list[torch.Tensor], spans) -> AttentionFn:
+    """forward_parallel's attention without a [Q, Q] mask. Depth d's queries are scattered to their slots
+    of a [T] row (slots it does not run hold zeros; their outputs are dropped) and attend causally to the
+    depth-0 keys of their document plus, as own keys, their chain's keys of depths 1..d. Costs one causal
+    T^2/2 per depth. Padding queries (after the anchors') get zeros."""
+    offsets = [T]
+    for a in anchors:
+        offsets.append(offsets[-1] + len(a))
+
+    def attention(i, q, k, v):
+        B, h, _, d = q.shape
+        k0, v0 = k[:, :, :T], v[:, :, :T]
+        outs = [doc_causal_attention(q[:, :, :T], k0, v0, stack_own([], k0), stack_own([], v0), spans)]
+        own_k, own_v = [], []  # depth 1..d keys scattered to their slots [B, kv_h, T, d]
+        for n, a in enumerate(anchors):
+            seg = slice(offsets[n], offsets[n + 1])
+            own_k.append(k.new_zeros(*k0.shape).index_copy(2, a, k[:, :, seg]))
+            own_v.append(v.new_zeros(*v0.shape).index_copy(2, a, v[:, :, seg]))
+            full_q = q.new_zeros(B, h, T, d).index_copy(2, a, q[:, :, seg])
+            out = doc_causal_attention(full_q, k0, v0, stack_own(own_k, k0), stack_own(own_v, v0), spans)
+            outs.append(out.index_select(2, a))
+        outs.append(q.new_zeros(B, h, q.shape[2] - offsets[-1], d))  # padding: read by nobody
+        return torch.cat(outs, 2)
+
+    return attention
 
 
 @torch.no_grad()

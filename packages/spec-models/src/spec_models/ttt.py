@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spec_format.errors import SpecError
+from spec_models.blockwise import doc_causal_attention, document_spans, stack_own
 from spec_models.ops import attend
 
 
@@ -66,38 +68,66 @@ def _flex_block_masks(position_ids: torch.Tensor, steps: int) -> list:
     ]
 
 
+def pick_attn(attn: str, device: torch.device, T: int) -> str:
+    """The attention forward_ttt and forward_parallel run: `attn` itself, or for "auto" the fastest
+    measured (docs/training.md, tools/bench_long.py): blockwise on CPUs from BLOCKWISE_FROM tokens,
+    else the dense mask."""
+    if attn == "blockwise" and device.type != "cpu":
+        raise SpecError(
+            f"--attn blockwise runs on CPUs (aten's CPU flash kernels); on {device.type} use sdpa or flex"
+        )
+    if attn != "auto":
+        return attn
+    return "blockwise" if device.type == "cpu" and T >= BLOCKWISE_FROM else "sdpa"
+
+
+BLOCKWISE_FROM = 1024  # rows shorter than this are faster with the dense mask on CPU
+
+
 def forward_ttt(
     model: nn.Module,
     step_ids: torch.Tensor,
     aux: torch.Tensor,
     position_ids: torch.Tensor | None = None,
-    attn: str = "sdpa",
+    attn: str = "auto",
 ) -> torch.Tensor:
     """All TTT steps of packed rows.
 
     step_ids [S, B, T] (ttt_input_ids for teacher forcing); aux [B, T, num_aux * target_hidden];
     position_ids [B, T] (default 0..T-1: one document per row); attn "sdpa" (a dense [B, 1, T, S*T]
-    mask) or "flex" (block-sparse, torch.nn.attention.flex_attention).
+    mask), "flex" (block-sparse, torch.nn.attention.flex_attention), "blockwise" (CPU: causal flash
+    attention per document plus the diagonal keys, spec_models.blockwise; O(T^2/2 + S*T) scores, not
+    O(S*T^2)) or "auto" (pick_attn).
     Returns normed [S, B, T, H]: the lm_head inputs of every step (the trainer applies model.lm_head in
     chunks, so full [tokens, vocab] logits are never materialised).
     """
     S, B, T = step_ids.shape
     if position_ids is None:
         position_ids = torch.arange(T, device=step_ids.device).expand(B, T)
+    attn = pick_attn(attn, step_ids.device, T)
     if attn == "sdpa":
         mask = ttt_mask(position_ids, S)
 
-        def attend_step(j, q, K, V):
-            return attend(q, K, V, mask[..., : (j + 1) * T])
+        def attend_step(j, q, ks, vs):
+            return attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask[..., : (j + 1) * T])
     elif attn == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
         block_masks = _flex_block_masks(position_ids, S)
 
-        def attend_step(j, q, K, V):
+        def attend_step(j, q, ks, vs):
+            K, V = torch.cat(ks, 2), torch.cat(vs, 2)
             return flex_attention(q, K, V, block_mask=block_masks[j], enable_gqa=q.shape[1] != K.shape[1])
+    elif attn == "blockwise":
+        spans = document_spans(position_ids)
+
+        def attend_step(j, q, ks, vs):
+            # own keys of slot t: its keys of steps 1..j, [B, kv_h, T, j, d]
+            return doc_causal_attention(
+                q, ks[0], vs[0], stack_own(ks[1:], ks[0]), stack_own(vs[1:], vs[0]), spans
+            )
     else:
-        raise ValueError(f"attn must be 'sdpa' or 'flex', got {attn!r}")
+        raise ValueError(f"attn must be 'sdpa', 'flex', 'blockwise' or 'auto', got {attn!r}")
     keys: list[list[torch.Tensor]] = [[] for _ in model.layers]
     values: list[list[torch.Tensor]] = [[] for _ in model.layers]
     hidden = model.combine(aux)
@@ -105,10 +135,12 @@ def forward_ttt(
     for j in range(S):
 
         def attention(i, q, k, v, j=j):
-            keys[i].append(k)
-            values[i].append(v)
-            K, V = torch.cat(keys[i], dim=2), torch.cat(values[i], dim=2)  # [B, kv_h, (j+1)*T, d]
-            return attend_step(j, q, K, V)
+            # Steps < j's keys [B, kv_h, T, d] and this step's. Kept once: a gradient-checkpointed layer
+            # calls this again in the backward, and must see the same keys.
+            if len(keys[i]) == j:
+                keys[i].append(k)
+                values[i].append(v)
+            return attend_step(j, q, keys[i][:j] + [k], values[i][:j] + [v])
 
         normed, hidden = model(step_ids[j], hidden, position_ids + j, attention)
         outs.append(normed)

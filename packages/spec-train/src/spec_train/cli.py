@@ -178,14 +178,14 @@ def eval_cmd(
                 "new": evaluation.best_k,
             }
         result = msgspec.to_builtins(evaluation)
-    _emit(result, draft_dir, report, out)
+    _emit(result, draft_dir, report, out, sources)
     for i, message in enumerate(mismatches):
         if i == 0 and not allow_mismatch:  # the report above is written first: nothing measured is lost
             raise SpecError(message)
         print(f"warning: {message}", file=sys.stderr)
 
 
-def _emit(result: dict, draft_dir: Path, report: Path | None, out) -> None:
+def _emit(result: dict, draft_dir: Path, report: Path | None, out, sources) -> None:
     """The report directory (--report), then the one JSON object (--json) or the summary for a reader."""
     from spec_train.evaluate import write_report
 

@@ -117,7 +117,13 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dtype: Annotated[Literal["auto", "fp32", "bf16"], Help(
         "Compute precision (weights and optimiser state stay fp32); auto: bf16 on GPUs and CPUs with AMX, "
         "else fp32.")] = "auto"
-    attn: Literal["sdpa", "flex"] = "sdpa"
+    attn: Annotated[Literal["auto", "sdpa", "flex", "blockwise"], Help(
+        "Training attention: sdpa (a dense mask over every TTT step's keys), flex (block-sparse, GPUs), "
+        "blockwise (CPU: causal flash attention per document plus the diagonal keys, exact; cost T^2/2, not "
+        "S*T^2) or auto (blockwise on CPUs from 1024-token rows, else sdpa).")] = "auto"
+    gradient_checkpointing: Annotated[bool, Help(
+        "Recompute each draft layer's activations in the backward instead of keeping them (multi-layer "
+        "drafts, long rows, GPU memory): slower, same gradients.")] = False
     fsdp: Annotated[bool, Help("FSDP2 (fully_shard) instead of DDP when several processes run.")] = False
     world_size: int = 1  # filled in at start-up from torchrun's environment (no flag)
 
@@ -140,7 +146,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 # Fields that may differ between a run and its resumption (they do not change the weights).
 RUNTIME_FIELDS = frozenset(
     {"out", "resume", "eval_every", "save_every", "keep_last", "log_every", "save_dtype", "num_workers",
-     "tensorboard", "progress", "max_eval_rows", "online_queue", "samples_per_shard"}
+     "tensorboard", "progress", "max_eval_rows", "online_queue", "samples_per_shard", "gradient_checkpointing",
+     "attn"}
 )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 A *row* is one micro-batch: whole samples (documents) packed one after another up to `batch_tokens`
 tokens, each document restarting its position ids at 0 (spec_models.ttt finds documents that way).
-Longer samples are cut to the budget. Rows are built from numpy (the dataset store) and become tensors
+Longer samples are cut to the budget; train.py says at the start how many and what share of the
+supervised tokens that drops (cut_report). Rows are built from numpy (the dataset store) and become tensors
 only in `load_row`.
 
 Order is a pure function of (seed, epoch): epoch e shuffles the training samples with
@@ -81,6 +82,28 @@ def pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> tuple[np.ndarra
     if len(order):
         starts.append(len(order))
     return np.asarray(starts, dtype=np.int64), kept
+
+
+def cut_report(ds, samples: np.ndarray, budget: int) -> str | None:
+    """One line on the samples of `ds` (a Dataset or online.OnlineData) longer than `budget`: how many,
+    the supervised tokens past the budget that never train, and the --batch-tokens that keeps them.
+    None when every sample fits."""
+    lengths = ds.lengths[samples]
+    cut = samples[lengths > budget]
+    if not len(cut):
+        return None
+    mask = (lambda i: ds.samples[i].loss_mask) if hasattr(ds, "samples") else (lambda i: ds.raw(i).loss_mask)
+    lost = sum(int(mask(i)[budget:].sum()) for i in cut.tolist())
+    if hasattr(ds, "supervised_lengths"):
+        total = int(ds.supervised_lengths[samples].sum())
+    else:
+        total = sum(int(mask(i).sum()) for i in samples.tolist())
+    keep = -(-int(lengths.max()) // 128) * 128
+    return (
+        f"warning: {len(cut)} of {len(samples)} training samples are longer than --batch-tokens {budget} and "
+        f"are cut to it: {lost} of {total} supervised tokens ({lost / max(total, 1):.1%}) never train; "
+        f"--batch-tokens {keep} keeps every sample whole (longest: {int(lengths.max())} tokens)"
+    )
 
 
 class Rows:

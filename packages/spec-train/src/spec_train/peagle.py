@@ -52,20 +52,14 @@ def cod_rates(steps: int, cfg: TrainConfig | None) -> torch.Tensor:
     return torch.tensor([1.0] + [min(1.0, max(ratio**d, floor)) for d in range(1, steps)])
 
 
-def _pad(anchors: list[torch.Tensor], T: int, steps: int, dev) -> list[torch.Tensor]:
-    """Padding queries as one extra depth `steps` at slot 0: they read, nobody reads them (every real
-    query's depth is lower), and their outputs are dropped."""
-    n = T + sum(len(a) for a in anchors)
-    return anchors + [torch.zeros((-n) % PAD_QUERIES, dtype=torch.long, device=dev)]
-
-
-def _run(draft, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+def _run(draft, batch: dict[str, torch.Tensor], keep: torch.Tensor, attn: str = "auto") -> torch.Tensor:
     """normed [S, T, H] (zeros where keep [S, T] is False; depth 0 runs every slot)."""
     S, T = keep.shape
     dev = keep.device
     next_ids = torch.cat([batch["input_ids"][1:], batch["input_ids"][:1]])  # slot t reads x_{t+1}
     anchors = [keep[d].nonzero().squeeze(1) for d in range(1, S)]
-    normed = forward_parallel(draft, next_ids, batch["aux"], batch["position_ids"], _pad(anchors, T, S, dev))
+    padding = -(T + sum(len(a) for a in anchors)) % PAD_QUERIES  # outputs dropped
+    normed = forward_parallel(draft, next_ids, batch["aux"], batch["position_ids"], anchors, attn, padding)
     index = torch.cat([torch.arange(T, device=dev)] + [d * T + a for d, a in enumerate(anchors, start=1)])
     out = normed.new_zeros(S * T, normed.shape[-1])
     out[index] = normed[: len(index)]
@@ -78,7 +72,7 @@ def forward(draft, batch: dict[str, torch.Tensor], steps: int, attn: str, cfg: T
     need = valid.flip(0).int().cummax(0).values.flip(0).bool()
     rates = cod_rates(steps, cfg).to(valid.device)
     keep = need & (slot_uniforms(batch)[None] < rates[:, None])
-    return _run(draft, batch, keep), valid & keep
+    return _run(draft, batch, keep, attn), valid & keep
 
 
 def slot_counts(
@@ -95,7 +89,7 @@ def accept_counts(draft, head: VerifierHead, batch: dict[str, torch.Tensor], k: 
     eligible = supervised_slots(batch["loss_mask"], batch["position_ids"], k)
     greedy = greedy_targets(head, batch["last"], dtype)
     with torch.autocast(eligible.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        normed = _run(draft, batch, eligible.int().cumprod(0).bool())
+        normed = _run(draft, batch, eligible.int().cumprod(0).bool(), attn)
     return chain_counts(_match(_draft_tokens(draft, normed), greedy), eligible)
 
 

@@ -37,6 +37,7 @@ from spec_train.data import (
     RowLoader,
     Rows,
     Stream,
+    cut_report,
     row_pad_multiple,
     step_rows,
     train_batches,
@@ -289,6 +290,9 @@ def train(cfg: TrainConfig) -> Path:
                 "(best/ is not written, the acceptance shown is on training rows)")  # fmt: skip
     lengths = ds.lengths
     stream = training_stream(cfg, ds, split.train, d)
+    cut = cut_report(ds, split.train, cfg.batch_tokens)
+    if cut:
+        d.say(cut)
     G = d.world * cfg.grad_accum
     total, warmup, save_every, eval_every = schedule(cfg, stream, G)
     val_rows = Rows(split.val, lengths, cfg.batch_tokens)
@@ -308,6 +312,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- model
     draft.lm_head.weight.requires_grad_(cfg.train_lm_head)
+    draft.gradient_checkpointing = cfg.gradient_checkpointing
     head = VerifierHead(cfg.verifier, (torch.arange(len(draft.d2t)) + draft.d2t).numpy())
     objective = Objective(draft, head, cfg.ttt_steps, cfg.loss, cfg.loss_chunk, cfg.attn, cfg).to(d.device)
     head.to(dtype=dtype)
