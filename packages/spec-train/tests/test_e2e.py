@@ -17,51 +17,14 @@ import os
 import subprocess
 from pathlib import Path
 
-import msgspec
-import numpy as np
 import pytest
 
 from spec_format.checkpoint import read_config
 from spec_train.evaluate import acceptance_figure, speed_figure
 
-# Prompts written for this test (not the evaluation prompts of spec_train/resources/chat_eval.jsonl).
-TOPICS = ["the water cycle", "honey bees", "volcanoes", "the moon", "bread", "rainbows", "bicycles",
-          "the ocean", "owls", "libraries", "trains", "snow"]  # fmt: skip
-TRAIN_PROMPTS = [f"Explain {t} in simple terms." for t in TOPICS]
-TRAIN_PROMPTS += [f"Give me three facts about {t}." for t in TOPICS]
+# Prompts written for this test (not those the shared `trained` draft of conftest.py was trained on).
 HELD_OUT = ["Explain thunderstorms in simple terms.", "Give me three facts about cats.",
             "Explain how a fridge keeps food cold.", "Give me three facts about the desert."]  # fmt: skip
-
-
-class Trained(msgspec.Struct):
-    run: str
-    dataset: str
-
-
-@pytest.fixture(scope="module")
-def trained(demo_model, vllm_engine, capture_dataset, run_train, tmp_path_factory) -> Trained:
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    chats = [[{"role": "user", "content": p}] for p in TRAIN_PROMPTS]
-    outs = vllm_engine("plain", demo_model).chat(
-        chats, SamplingParams(temperature=0, max_tokens=160), use_tqdm=False
-    )
-    rows = []
-    for chat, o in zip(chats, outs):
-        prompt = list(
-            tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
-        )
-        reply = list(o.outputs[0].token_ids)
-        rows.append((np.array(prompt + reply), np.arange(len(prompt) + len(reply)) >= len(prompt)))
-    tmp = tmp_path_factory.mktemp("e2e")
-    ds = capture_dataset(demo_model, rows, tmp / "ds", dtype="bf16")
-    run = tmp / "run"
-    run_train([str(ds), "--verifier", str(demo_model), "--out", str(run), "--max-steps", "48", "--save-every", "16",
-               "--batch-tokens", "1024", "--val-fraction", "0.15", "--draft-vocab-size", "4096",
-               "--save-dtype", "float32", "--no-progress"], timeout=1500)  # fmt: skip
-    return Trained(str(run), str(ds))
 
 
 @pytest.mark.e2e

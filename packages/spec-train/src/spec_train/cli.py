@@ -172,6 +172,7 @@ def eval_cmd(
                       "acceptance_length_stderr": acceptance_stderr(run.per_prompt),
                       "acceptance_per_position": run.counters.acceptance_per_position,
                       "counters": msgspec.to_builtins(run.counters)},
+            "acceptance_by_context": msgspec.to_builtins(run.by_context()),
         }  # fmt: skip
     else:
         evaluation = evaluate(

@@ -1,0 +1,158 @@
+"""`spec doctor` on the real model: the shared trained EAGLE-3 draft (conftest.py `trained`) is healthy, and
+each fault built from it on purpose is named: aux layer ids shifted by one, a verifier with another config,
+prompts past the trained length, a draft vocabulary pruned of the tokens the target writes.
+
+Offline measurement only (the target in transformers): no engine starts beyond the shared plain target the
+`trained` fixture uses. Four short prompts, 32 tokens each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spec_format.checkpoint import WEIGHTS_NAME, read_config, reseal_checkpoint
+from spec_format.dataset import Dataset
+from spec_format.tensors import load_tensors, save_tensors
+from spec_format.validate import validate_checkpoint
+from spec_train import doctor
+from spec_train.eval_prompts import load_prompts
+
+# Held-out prompts in the trained draft's domain (conftest.TRAIN_PROMPTS), not among them.
+SHORT = ["Explain thunderstorms in simple terms.", "Give me three facts about cats.",
+         "Explain how a fridge keeps food cold.", "Give me three facts about the desert."]  # fmt: skip
+# ~300 tokens of context, longer than any sample the draft was trained on (prompt + 160-token reply).
+PASSAGE = " ".join(
+    f"Note {i}: the {t} was discussed at length by the committee, who agreed it deserved more study."
+    for i, t in enumerate(["river", "forest", "harbour", "market", "bridge", "valley", "castle", "garden",
+                           "station", "library", "mill", "orchard"])
+)  # fmt: skip
+LONG = [f"{PASSAGE}\n\nNow, ignoring the notes above, {p[0].lower()}{p[1:]}" for p in SHORT[:2]]
+TOKENS = 32
+
+
+def _prompts(demo_model, texts, tmp_path) -> list[list[int]]:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return [p.ids for p in load_prompts([str(path)], demo_model)]
+
+
+def _copy_draft(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(Path(trained.run) / "final", tmp_path / "draft"))
+
+
+def _edit_config(draft: Path, **fields) -> None:
+    raw = json.loads((draft / "config.json").read_text())
+    raw.update(fields)
+    (draft / "config.json").write_text(json.dumps(raw))
+    reseal_checkpoint(draft)
+
+
+@pytest.mark.e2e
+def test_a_healthy_draft_gets_no_problem_found(trained, demo_model, spec_cli, tmp_path):
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in SHORT))
+    out = tmp_path / "doctor.json"
+    proc = subprocess.run([spec_cli, "doctor", str(Path(trained.run) / "final"), "--verifier", str(demo_model),
+                           "--data", str(prompts), "--max-tokens", str(TOKENS), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.startswith("verdict: no problem found")
+    report = json.loads(out.read_text())
+    m = report["measured"]
+    assert report["verdict"] == "no problem found" and not [f for f in report["findings"] if f["problem"]]
+    assert m["mean_acceptance_length"] > doctor.LOW_ACCEPTANCE and m["vocab_coverage"] > doctor.MIN_COVERAGE
+    assert f"mean acceptance length {m['mean_acceptance_length']:.3f}" in proc.stdout
+    # every round filed under a bucket; the draft's own conventions beat each neighbouring one
+    # every verification round is in a bucket: each emits its accepted drafts + 1 (the first token is prefill's)
+    rounds = sum(b["drafts"] for b in m["by_context"])
+    assert rounds * m["mean_acceptance_length"] == pytest.approx(m["generated_tokens"] - len(SHORT))
+    assert {p["cause"] for p in m["probes"]} == {"layer-ids", "norm-flags"}
+    assert all(p["mean_acceptance_length"] < m["mean_acceptance_length"] for p in m["probes"]), m["probes"]
+    assert m["trained_max_tokens"] >= m["longest_context"]
+
+
+@pytest.mark.e2e
+def test_layer_ids_shifted_by_one_are_named(trained, demo_model, tmp_path):
+    draft = _copy_draft(trained, tmp_path)
+    ids = read_config(draft)[0].aux_layer_ids
+    _edit_config(draft, eagle_aux_hidden_state_layer_ids=[i + 1 for i in ids])
+    report = doctor.run(draft, demo_model, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS)
+    print(doctor.summary(report))
+    assert report.verdict == "layer-ids"
+    messages = [f.message for f in report.problems if f.cause == "layer-ids"]
+    # the dataset's own ids, and the probe one down that accepts far more (what a user without the dataset gets)
+    assert any(f"its dataset captured {ids} (all shifted by +1)" in x for x in messages), messages
+    assert any(f"with aux layer ids -1 ({', '.join(map(str, ids))})" in x for x in messages), messages
+
+
+@pytest.mark.e2e
+def test_a_verifier_with_another_config_is_named(trained, demo_model, tmp_path):
+    other = tmp_path / "other-target"
+    other.mkdir()
+    for f in Path(demo_model).iterdir():
+        (other / f.name).symlink_to(f)
+    cfg = json.loads((Path(demo_model) / "config.json").read_text())
+    (other / "config.json").unlink()
+    (other / "config.json").write_text(json.dumps({**cfg, "rope_theta": cfg["rope_theta"] * 10}))
+    report = doctor.run(
+        Path(trained.run) / "final", other, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS
+    )
+    print(doctor.summary(report))
+    assert report.verdict == "verifier"
+    message = report.problems[0].message
+    assert (
+        "config_sha256" in message
+        and f"rope_theta: {cfg['rope_theta']!r} -> {cfg['rope_theta'] * 10!r}" in message
+    )
+
+
+@pytest.mark.e2e
+def test_prompts_past_the_trained_length_are_named(trained, demo_model, tmp_path):
+    draft = Path(trained.run) / "final"
+    trained_max = read_config(draft)[0].spec.provenance["max_sample_tokens"]
+    assert trained_max == max(Dataset(trained.dataset).lengths)  # recorded at training time
+    prompts = _prompts(demo_model, SHORT[2:] + LONG, tmp_path)
+    assert min(len(p) for p in prompts[2:]) > trained_max
+    report = doctor.run(draft, demo_model, prompts, max_tokens=TOKENS)
+    print(doctor.summary(report))
+    assert report.verdict == "context-length", doctor.summary(report)
+    m = report.measured
+    assert m.past_trained.mean_acceptance_length < m.within_trained.mean_acceptance_length
+    assert f"past the trained length of {trained_max} tokens" in report.problems[0].message
+
+
+@pytest.mark.e2e
+def test_a_vocabulary_pruned_of_the_served_tokens_is_named(trained, demo_model, tmp_path):
+    """The 300 target tokens most frequent in training are swapped out of the draft vocabulary for ids it
+    never saw (lm_head rows follow their tokens, so everything else drafts as before)."""
+    draft = _copy_draft(trained, tmp_path)
+    tensors = load_tensors(draft / WEIGHTS_NAME)
+    old = np.arange(len(tensors["d2t"])) + tensors["d2t"]
+    freq = Dataset(trained.dataset).manifest.token_frequencies
+    top = {i for _, i in sorted(zip(freq.counts, freq.ids), reverse=True)[:300]}
+    fillers = [i for i in range(len(tensors["t2d"]) - 1, -1, -1) if not tensors["t2d"][i]][
+        : len(top & set(old))
+    ]
+    keep = [i for i in old if i not in top]
+    rows = {t: r for r, t in enumerate(old)}
+    dropped_rows = [rows[t] for t in old if t in top]
+    new = sorted(keep + fillers)
+    row_of = {**{t: rows[t] for t in keep}, **dict(zip(fillers, dropped_rows))}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][[row_of[t] for t in new]]
+    tensors["d2t"] = np.asarray(new, np.int64) - np.arange(len(new))
+    tensors["t2d"] = np.isin(np.arange(len(tensors["t2d"])), new)
+    save_tensors(draft / WEIGHTS_NAME, tensors)
+    reseal_checkpoint(draft)
+    assert not validate_checkpoint(draft, demo_model).errors
+    report = doctor.run(draft, demo_model, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS)
+    print(doctor.summary(report))
+    assert report.verdict == "vocabulary"
+    assert report.measured.vocab_coverage < doctor.MIN_COVERAGE
+    assert "of the tokens the target generated" in report.problems[0].message
