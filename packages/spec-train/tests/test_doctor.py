@@ -156,3 +156,59 @@ def test_a_vocabulary_pruned_of_the_served_tokens_is_named(trained, demo_model, 
     assert report.verdict == "vocabulary"
     assert report.measured.vocab_coverage < doctor.MIN_COVERAGE
     assert "of the tokens the target generated" in report.problems[0].message
+
+
+# ---------------------------------------------------------------------------------------------
+# Cheap: the verdict from figures, the config checks on tiny targets, bad input.
+
+
+def _measured(length=1.5, coverage=0.97, within=None, past=None, probes=()) -> doctor.Measured:
+    return doctor.Measured(
+        num_prompts=4, generated_tokens=128, k=3, mean_acceptance_length=length, acceptance_length_stderr=0.05,
+        acceptance_per_position=[0.3, 0.15, 0.05], by_context=[], vocab_coverage=coverage, trained_max_tokens=200,
+        longest_context=300, within_trained=within, past_trained=past, probes=list(probes),
+    )  # fmt: skip
+
+
+def test_the_verdict_names_what_the_figures_show():
+    probe = doctor.Probe("aux layer ids -1 (1, 4, 5)", "layer-ids", 1.45)
+    # a neighbouring convention accepting 0.45 per step against 0.1 is named; 0.12 against 0.1 is not
+    assert doctor.verdict(doctor.diagnose(_measured(1.1, probes=[probe]))) == "layer-ids"
+    assert doctor.diagnose(_measured(1.1, probes=[doctor.Probe("x", "layer-ids", 1.12)])) == []
+    flag = doctor.Probe("norm_output=True", "norm-flags", 2.0)
+    assert (
+        doctor.verdict(doctor.diagnose(_measured(1.2, probes=[flag, probe]))) == "layer-ids"
+    )  # the more basic
+    assert doctor.verdict(doctor.diagnose(_measured(coverage=0.6))) == "vocabulary"
+    # past the trained length: named when acceptance there falls below 70% of that within (per step)
+    fall = _measured(within=doctor.Split(40, 1.6), past=doctor.Split(30, 1.3))
+    assert doctor.verdict(doctor.diagnose(fall)) == "context-length"
+    held = doctor.diagnose(_measured(within=doctor.Split(40, 1.6), past=doctor.Split(30, 1.5)))
+    assert [(f.cause, f.problem) for f in held] == [("context-length", False)]  # a note: no fall
+    assert doctor.verdict(doctor.diagnose(_measured(past=doctor.Split(30, 1.5)))) == "context-length"
+    assert doctor.verdict(doctor.diagnose(_measured(1.05))) == "low-acceptance"
+    assert doctor.verdict(doctor.diagnose(_measured())) == "no problem found"
+
+
+def test_config_checks_on_tiny_targets(tiny_model, random_eagle3, tmp_path):
+    llama, qwen = tiny_model("llama"), tiny_model("qwen3")
+    draft = random_eagle3(tmp_path / "draft", llama)
+    assert doctor.check_configs(draft, llama) == []
+    other = doctor.check_configs(draft, qwen)  # another architecture: the fingerprint differs
+    assert other and all(f.cause == "verifier" and f.problem for f in other)
+    assert "architecture: LlamaForCausalLM != Qwen3ForCausalLM" in other[0].message
+    _edit_config(draft, eagle_aux_hidden_state_layer_ids=[2, 4, 9], target_hidden_size=96)
+    found = doctor.check_configs(draft, llama)
+    assert [(f.cause, f.blocking) for f in found if f.blocking] == [("verifier", True), ("layer-ids", True)]
+    assert "aux layer ids [9] are outside [0, 8]" in found[1].message
+    report = doctor.run(draft, llama, [[1, 2, 3]])
+    assert report.measured is None and report.verdict == "verifier"  # nothing measured: the draft cannot run
+
+
+def test_bad_input_is_one_line(spec_cli, tiny_model, random_eagle3, tmp_path):
+    draft = random_eagle3(tmp_path / "draft", tiny_model("llama"))
+    proc = subprocess.run([spec_cli, "doctor", str(draft), "--verifier", str(tiny_model("llama")), "--data",
+                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.jsonl'}: no such file or directory (or built-in prompt set: chat, humaneval)"
+    ], proc.stderr
