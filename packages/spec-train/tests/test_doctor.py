@@ -90,6 +90,11 @@ def test_layer_ids_shifted_by_one_are_named(trained, demo_model, tmp_path):
     # the dataset's own ids, and the probe one down that accepts far more (what a user without the dataset gets)
     assert any(f"its dataset captured {ids} (all shifted by +1)" in x for x in messages), messages
     assert any(f"with aux layer ids -1 ({', '.join(map(str, ids))})" in x for x in messages), messages
+    # that probe is the draft as trained: on the same prompts it accepts exactly what the healthy draft does
+    probe = next(p for p in report.measured.probes if p.name.startswith("aux layer ids -1"))
+    healthy = doctor.run(Path(trained.run) / "final", demo_model, _prompts(demo_model, SHORT, tmp_path),
+                         max_tokens=TOKENS)  # fmt: skip
+    assert probe.mean_acceptance_length == healthy.measured.mean_acceptance_length
 
 
 @pytest.mark.e2e
@@ -100,7 +105,9 @@ def test_a_verifier_with_another_config_is_named(trained, demo_model, tmp_path):
         (other / f.name).symlink_to(f)
     cfg = json.loads((Path(demo_model) / "config.json").read_text())
     (other / "config.json").unlink()
-    (other / "config.json").write_text(json.dumps({**cfg, "rope_theta": cfg["rope_theta"] * 10}))
+    rope = cfg["rope_parameters"]
+    changed = {**rope, "rope_theta": rope["rope_theta"] * 10}
+    (other / "config.json").write_text(json.dumps({**cfg, "rope_parameters": changed}))
     report = doctor.run(
         Path(trained.run) / "final", other, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS
     )

@@ -29,7 +29,7 @@ from spec_train.buckets import Bucket
 
 # A neighbouring convention "accepts far more" when its accepted tokens per draft step are at least this
 # many times the draft's as configured, and at least MIN_GAIN more.
-FAR_MORE, MIN_GAIN = 1.5, 0.1
+FAR_MORE, MIN_GAIN = 1.25, 0.05
 # The vocabulary is named when the generated tokens it lacks are at least this share of the draft's misses
 # at position 1, and at least MIN_LACKED of all generated tokens.
 VOCAB_SHARE, MIN_LACKED = 0.5, 0.05
@@ -183,7 +183,7 @@ def check_configs(draft_dir: Path, verifier: Path) -> list[Finding]:
         )
         if manifest.dtype == "fp8":
             out.append(Finding("dtype", False, "the dataset holds fp8 states; served states are the target's own dtype"))  # fmt: skip
-    for key in ("rope_theta", "rope_scaling"):
+    for key in ("rope_theta", "rope_scaling", "rope_parameters"):
         if key in lc and lc.get(key) != tcfg.get(key):
             # The draft rotates by its own config in training and in vLLM alike: a difference is a hint that
             # it was made for another version of the target, not a fault by itself.
