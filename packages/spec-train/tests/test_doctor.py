@@ -90,11 +90,14 @@ def test_layer_ids_shifted_by_one_are_named(trained, demo_model, tmp_path):
     # the dataset's own ids, and the probe one down that accepts far more (what a user without the dataset gets)
     assert any(f"its dataset captured {ids} (all shifted by +1)" in x for x in messages), messages
     assert any(f"with aux layer ids -1 ({', '.join(map(str, ids))})" in x for x in messages), messages
-    # that probe is the draft as trained: on the same prompts it accepts exactly what the healthy draft does
-    probe = next(p for p in report.measured.probes if p.name.startswith("aux layer ids -1"))
-    healthy = doctor.run(Path(trained.run) / "final", demo_model, _prompts(demo_model, SHORT, tmp_path),
-                         max_tokens=TOKENS)  # fmt: skip
-    assert probe.mean_acceptance_length == healthy.measured.mean_acceptance_length
+    # that probe (the draft as trained) is the best of the neighbours and beats the ids as configured
+    m = report.measured
+    probe = next(p for p in m.probes if p.name.startswith("aux layer ids -1"))
+    assert (
+        probe.mean_acceptance_length
+        == max(p.mean_acceptance_length for p in m.probes)
+        > m.mean_acceptance_length
+    )
 
 
 @pytest.mark.e2e
