@@ -19,6 +19,7 @@ shifted by +-1, each norm flag flipped) are measured on the same rounds at the c
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import click
@@ -113,7 +114,7 @@ def _fingerprint_findings(
     diffs = recorded.mismatches(actual)
     if not diffs:
         return []
-    evidence = "; ".join(diffs)
+    evidence = re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1...", "; ".join(diffs))  # sha256s, shortened
     if (
         any(d.startswith("config_sha256") for d in diffs)
         and recorded_dir
