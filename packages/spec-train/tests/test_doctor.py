@@ -70,9 +70,10 @@ def test_a_healthy_draft_gets_no_problem_found(trained, demo_model, spec_cli, tm
     assert m["mean_acceptance_length"] > doctor.LOW_ACCEPTANCE
     assert f"mean acceptance length {m['mean_acceptance_length']:.3f}" in proc.stdout
     # every round filed under a bucket; the draft's own conventions beat each neighbouring one
-    # every verification round is in a bucket: each emits its accepted drafts + 1 (the first token is prefill's)
-    rounds = sum(b["drafts"] for b in m["by_context"])
-    assert rounds * m["mean_acceptance_length"] == pytest.approx(m["generated_tokens"] - len(SHORT))
+    # every verification round is in a bucket: each emits its accepted drafts + 1 (the first token of each
+    # prompt is the prefill's; a last round that accepts all it can adds one token past the continuation)
+    emitted = sum(b["drafts"] * b["mean_acceptance_length"] for b in m["by_context"])
+    assert m["generated_tokens"] - len(SHORT) - 1e-6 <= emitted <= m["generated_tokens"] + 1e-6
     assert {p["cause"] for p in m["probes"]} == {"layer-ids", "norm-flags"}
     assert all(p["mean_acceptance_length"] < m["mean_acceptance_length"] for p in m["probes"]), m["probes"]
     assert m["trained_max_tokens"] >= m["longest_context"]
