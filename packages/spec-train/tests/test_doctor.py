@@ -125,18 +125,28 @@ def test_a_verifier_with_another_config_is_named(trained, demo_model, tmp_path):
 
 
 @pytest.mark.e2e
-def test_prompts_past_the_trained_length_are_named(trained, demo_model, tmp_path):
+def test_prompts_past_the_trained_length_are_measured_apart(trained, demo_model, tmp_path):
+    """Two short prompts and two of ~300 tokens, past the longest sample trained on (197 tokens): the rounds
+    on each side are measured apart and compared. This draft holds up there (2026-12-07: 1.319 past, 1.312
+    within), so it is a note; a fall under 70% per step would be the verdict (test_the_verdict_names_...)."""
     draft = Path(trained.run) / "final"
     trained_max = read_config(draft)[0].spec.provenance["max_sample_tokens"]
-    assert trained_max == max(Dataset(trained.dataset).lengths)  # recorded at training time
+    assert trained_max == min(max(Dataset(trained.dataset).lengths), 1024)  # recorded at training time
     prompts = _prompts(demo_model, SHORT[2:] + LONG, tmp_path)
-    assert min(len(p) for p in prompts[2:]) > trained_max
+    assert min(len(p) for p in prompts[2:]) > trained_max >= max(len(p) + TOKENS for p in prompts[:2])
     report = doctor.run(draft, demo_model, prompts, max_tokens=TOKENS)
     print(doctor.summary(report))
-    assert report.verdict == "context-length", doctor.summary(report)
     m = report.measured
-    assert m.past_trained.mean_acceptance_length < m.within_trained.mean_acceptance_length
-    assert f"past the trained length of {trained_max} tokens" in report.problems[0].message
+    w, p = m.within_trained, m.past_trained
+    assert w.rounds > 0 and p.rounds > 0 and m.longest_context > trained_max
+    assert sum(b.drafts for b in m.by_context if b.lo >= 256) == p.rounds  # the long prompts' rounds
+    (finding,) = [f for f in report.findings if f.cause == "context-length"]
+    assert (
+        f"{p.rounds} verification rounds drafted from contexts past the trained length of {trained_max}"
+        in finding.message
+    )
+    fell = p.mean_acceptance_length - 1 < doctor.CONTEXT_DROP * (w.mean_acceptance_length - 1)
+    assert finding.problem == fell and (report.verdict == "context-length") == fell
 
 
 @pytest.mark.e2e
