@@ -251,6 +251,8 @@ def _flag_variants(draft) -> list[tuple[str, object]]:
 
 def measure(draft_dir: Path, verifier: Path, prompts: list[list[int]], k: int | None, max_tokens: int,
             probes: bool = True) -> Measured:  # fmt: skip
+    """The offline estimate of the draft on `prompts` (the target's greedy continuations of `max_tokens`),
+    and with `probes` the same rounds under each neighbouring convention."""
     import torch
     from transformers import AutoModelForCausalLM
 
