@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -108,6 +109,46 @@ def _run_train(args: list[str], env: dict | None = None, timeout: int = 600, che
     if check and proc.returncode != 0:
         raise AssertionError(f"spec_train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+# The shared trained draft's prompts (not the evaluation prompts of spec_train/resources/chat_eval.jsonl).
+TOPICS = ["the water cycle", "honey bees", "volcanoes", "the moon", "bread", "rainbows", "bicycles",
+          "the ocean", "owls", "libraries", "trains", "snow"]  # fmt: skip
+TRAIN_PROMPTS = [f"Explain {t} in simple terms." for t in TOPICS]
+TRAIN_PROMPTS += [f"Give me three facts about {t}." for t in TOPICS]
+
+
+class Trained(msgspec.Struct):
+    run: str
+    dataset: str
+
+
+@pytest.fixture(scope="session")
+def trained(demo_model, vllm_engine, tmp_path_factory) -> Trained:
+    """An EAGLE-3 draft for SmolLM2 trained on its own greedy replies (48 steps, 4096-token vocabulary): the
+    real thing, shared by test_e2e.py and test_doctor.py. Needs the shared plain target engine."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    chats = [[{"role": "user", "content": p}] for p in TRAIN_PROMPTS]
+    outs = vllm_engine("plain", demo_model).chat(
+        chats, SamplingParams(temperature=0, max_tokens=160), use_tqdm=False
+    )
+    rows = []
+    for chat, o in zip(chats, outs):
+        prompt = list(
+            tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
+        reply = list(o.outputs[0].token_ids)
+        rows.append((np.array(prompt + reply), np.arange(len(prompt) + len(reply)) >= len(prompt)))
+    tmp = tmp_path_factory.mktemp("e2e")
+    ds = write_dataset(demo_model, rows, tmp / "ds", dtype="bf16")
+    run = tmp / "run"
+    _run_train([str(ds), "--verifier", str(demo_model), "--out", str(run), "--max-steps", "48", "--save-every", "16",
+                "--batch-tokens", "1024", "--val-fraction", "0.15", "--draft-vocab-size", "4096",
+                "--save-dtype", "float32", "--no-progress"], timeout=1500)  # fmt: skip
+    return Trained(str(run), str(ds))
 
 
 @pytest.fixture(scope="session")

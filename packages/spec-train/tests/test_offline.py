@@ -127,6 +127,11 @@ def test_offline_eval_replays_verification_rounds(tiny_model, monkeypatch, right
     # per prompt: 12 and 24 tokens after the prefill's, rounds of right + 1; they add up to the total
     assert [c.drafts for c in run.per_prompt] == [12 // (right + 1), 24 // (right + 1)]
     assert [c.accepted for c in run.per_prompt] == [12 // (right + 1) * right, 24 // (right + 1) * right]
+    # each round filed under the context it drafted from: the prompt and prefill's token, then right + 1 more
+    want = [len(p) + 1 + j * (right + 1) for p, n in zip(prompts, (12, 24)) for j in range(n // (right + 1))]
+    assert sorted(run.round_contexts) == sorted(want) and sum(run.round_accepted) == run.counters.accepted
+    (bucket,) = run.by_context()  # every context under 128 tokens
+    assert (bucket.lo, bucket.drafts, bucket.mean_acceptance_length) == (0, len(want), length)
 
 
 @pytest.mark.parametrize("k", [1, 4])

@@ -102,3 +102,19 @@ def test_speed_chart_ticks_every_k_it_draws():
     assert [x[:3] for x in drawn(ax)] == [("draft, concurrency 1", [2, 3], [50.0, 55.0]),
                                           ("target alone, concurrency 1", [2, 3], [30.0, 30.0]),
                                           ("n-gram, concurrency 1", [4], [40.0])]  # fmt: skip
+
+
+def test_eval_writes_the_acceptance_by_context_chart(tmp_path, series):
+    import msgspec
+
+    from spec_train.buckets import by_round
+    from spec_train.evaluate import write_report
+
+    buckets = by_round([50, 60, 300, 310, 700], [2, 3, 1, 1, 0], 3)
+    assert [(b.lo, b.hi, b.drafts) for b in buckets] == [(0, 128, 2), (256, 512, 2), (512, 1024, 1)]
+    assert [b.mean_acceptance_length for b in buckets] == [3.5, 2.0, 1.0]
+    result = {"offline": True, "k": 3, "draft": {"acceptance_per_position": [0.8, 0.5, 0.2]},
+              "acceptance_by_context": msgspec.to_builtins(buckets)}  # fmt: skip
+    write_report(result, tmp_path, "t")
+    assert json.loads((tmp_path / "eval.json").read_text())["acceptance_by_context"][1]["lo"] == 256
+    assert series(tmp_path / "acceptance_by_context.png") == [0]

@@ -33,6 +33,7 @@ from spec_format.algorithms import vllm_speculative_config
 from spec_format.checkpoint import read_config
 from spec_format.console import say
 from spec_format.errors import SpecError
+from spec_train.buckets import Bucket, by_prompt_measured, write_chart
 
 
 class RunResult(msgspec.Struct):
@@ -111,6 +112,7 @@ class EvalReport(msgspec.Struct):
     suffix: ConfigResult | None = None
     mismatches: list[Mismatch] = []  # over every speculative configuration
     written_k: dict | None = None  # {"path", "old", "new"} when --write-k wrote the draft's k
+    acceptance_by_context: list[Bucket] = []  # the draft at `k`, its requests by prompt length
 
 
 class OfflineDraft(msgspec.Struct):
@@ -130,6 +132,7 @@ class OfflineReport(msgspec.Struct, kw_only=True):
     max_tokens: int
     generated_tokens: int
     draft: OfflineDraft
+    acceptance_by_context: list[Bucket] = []  # by the context each verification round started from
 
 
 class Config(msgspec.Struct):
@@ -342,6 +345,7 @@ def evaluate(
         outputs_identical=None if temperature else not mismatches, num_prompts=len(prompts), k=draft.k,
         max_tokens=max_tokens, temperature=temperature, verifier=str(verifier), draft_dir=str(draft_dir),
         rounds=rounds, best_k=best["1"], best_k_by_concurrency=best, per_k=per_k, mismatches=mismatches,
+        acceptance_by_context=by_prompt_measured([len(p) for p in prompts], measured[draft.name]),
     )  # fmt: skip
 
 
@@ -359,7 +363,8 @@ def offline_report(
         counters=run.counters,
     )
     return OfflineReport(num_prompts=len(prompts), k=k, max_tokens=max_tokens,
-                         generated_tokens=run.generated_tokens, draft=draft)  # fmt: skip
+                         generated_tokens=run.generated_tokens, draft=draft,
+                         acceptance_by_context=run.by_context())  # fmt: skip
 
 
 def find_mismatches(
@@ -546,3 +551,4 @@ def write_report(result: dict, out: str | Path, title: str) -> None:
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
+    write_chart(result, out, title)

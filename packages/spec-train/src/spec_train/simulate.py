@@ -25,10 +25,23 @@ class SimulatedRun(msgspec.Struct):
     counters: SpecDecodeCounters
     generated_tokens: int
     per_prompt: list[SpecDecodeCounters] = []  # the same counters for each prompt alone (standard errors)
+    # Every verification round: the context it drafted from (tokens) and how many drafts it accepted.
+    round_contexts: list[int] = []
+    round_accepted: list[int] = []
 
     @property
     def mean_acceptance_length(self) -> float:
         return self.counters.mean_acceptance_length
+
+    def by_context(self) -> list:
+        """Acceptance per context-length bucket (spec_train.buckets.Bucket)."""
+        from spec_train.buckets import by_round
+
+        return by_round(
+            self.round_contexts,
+            self.round_accepted,
+            self.counters.draft_tokens // max(self.counters.drafts, 1),
+        )
 
 
 @torch.no_grad()
@@ -79,6 +92,7 @@ def simulate(
     ends = [len(p) for p in prompts]
     drafts, accepted = 0, [0] * k
     prompt_drafts, prompt_accepted = [0] * len(seqs), [[0] * k for _ in seqs]
+    round_contexts, round_accepted = [], []
     while True:
         live = [i for i, s in enumerate(seqs) if ends[i] + 1 < len(s)]
         if not live:
@@ -101,6 +115,8 @@ def simulate(
                 n_acc += 1
             drafts += 1
             prompt_drafts[i] += 1
+            round_contexts.append(ends[i] + 1)  # x_0..x_n known when drafting
+            round_accepted.append(n_acc)
             ends[i] += n_acc + 1  # the accepted drafts plus the target's own next token
     counters = SpecDecodeCounters(
         drafts=drafts, draft_tokens=drafts * k, accepted=sum(accepted), accepted_per_position=accepted
@@ -109,7 +125,9 @@ def simulate(
         SpecDecodeCounters(drafts=d, draft_tokens=d * k, accepted=sum(a), accepted_per_position=a)
         for d, a in zip(prompt_drafts, prompt_accepted)
     ]
-    return SimulatedRun(counters, sum(len(c) for c in continuations), per_prompt)
+    return SimulatedRun(
+        counters, sum(len(c) for c in continuations), per_prompt, round_contexts, round_accepted
+    )
 
 
 def simulate_draft(

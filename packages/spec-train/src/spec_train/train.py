@@ -87,9 +87,16 @@ def _with_provenance(draft, cfg: TrainConfig, step: int, ds: Dataset, facts: dic
     from spec_format.checkpoint import SpecMetadata
 
     c = draft.config
-    data = {"online": cfg.online, "data": cfg.data} if cfg.online else {"dataset": cfg.dataset}
+    data = (
+        {"online": cfg.online, "data": cfg.data}
+        if cfg.online
+        else {"dataset": str(Path(cfg.dataset).resolve())}
+    )
+    # The longest context trained on (samples are cut to a row's budget): `spec doctor` compares served
+    # contexts with it.
+    longest = min(int(ds.lengths.max()), cfg.batch_tokens) if len(ds) else 0
     prov = {"made_by": "spec train", "run": str(Path(cfg.out).resolve()), "step": step, **data,
-            "dataset_samples": len(ds), **facts}  # fmt: skip
+            "dataset_samples": len(ds), "max_sample_tokens": longest, **facts}  # fmt: skip
     return msgspec.structs.replace(c, spec=msgspec.structs.replace(c.spec or SpecMetadata(), provenance=prov))
 
 
