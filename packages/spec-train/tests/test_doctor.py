@@ -118,10 +118,7 @@ def test_a_verifier_with_another_config_is_named(trained, demo_model, tmp_path):
     print(doctor.summary(report))
     assert report.verdict == "verifier"
     message = report.problems[0].message
-    assert (
-        "config_sha256" in message
-        and f"rope_theta: {cfg['rope_theta']!r} -> {cfg['rope_theta'] * 10!r}" in message
-    )
+    assert "config_sha256" in message and f"rope_parameters: {rope!r} -> {changed!r}" in message
 
 
 @pytest.mark.e2e
