@@ -113,7 +113,11 @@ def test_a_verifier_with_another_config_is_named(trained, demo_model, tmp_path):
     changed = {**rope, "rope_theta": rope["rope_theta"] * 10}
     (other / "config.json").write_text(json.dumps({**cfg, "rope_parameters": changed}))
     report = doctor.run(
-        Path(trained.run) / "final", other, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS
+        Path(trained.run) / "final",
+        other,
+        _prompts(demo_model, SHORT, tmp_path),
+        max_tokens=TOKENS,
+        probes=False,
     )
     print(doctor.summary(report))
     assert report.verdict == "verifier"
@@ -131,7 +135,7 @@ def test_prompts_past_the_trained_length_are_measured_apart(trained, demo_model,
     assert trained_max == min(max(Dataset(trained.dataset).lengths), 1024)  # recorded at training time
     prompts = _prompts(demo_model, SHORT[2:] + LONG, tmp_path)
     assert min(len(p) for p in prompts[2:]) > trained_max >= max(len(p) + TOKENS for p in prompts[:2])
-    report = doctor.run(draft, demo_model, prompts, max_tokens=TOKENS)
+    report = doctor.run(draft, demo_model, prompts, max_tokens=TOKENS, probes=False)
     print(doctor.summary(report))
     m = report.measured
     w, p = m.within_trained, m.past_trained
@@ -169,7 +173,9 @@ def test_a_vocabulary_pruned_of_the_served_tokens_is_named(trained, demo_model, 
     save_tensors(draft / WEIGHTS_NAME, tensors)
     reseal_checkpoint(draft)
     assert not validate_checkpoint(draft, demo_model).errors
-    report = doctor.run(draft, demo_model, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS)
+    report = doctor.run(
+        draft, demo_model, _prompts(demo_model, SHORT, tmp_path), max_tokens=TOKENS, probes=False
+    )
     print(doctor.summary(report))
     assert report.verdict == "vocabulary"
     lacked = 1 - report.measured.vocab_coverage

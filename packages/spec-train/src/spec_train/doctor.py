@@ -400,12 +400,13 @@ def verdict(findings: list[Finding]) -> str:
 
 
 def run(draft_dir: Path, verifier: Path, prompts: list[list[int]], *, k: int | None = None, max_tokens: int = 64,
-        vllm: bool = False) -> DoctorReport:  # fmt: skip
-    """Every check; the measurement is skipped when the draft cannot run against this target at all."""
+        vllm: bool = False, probes: bool = True) -> DoctorReport:  # fmt: skip
+    """Every check; the measurement is skipped when the draft cannot run against this target at all. Without
+    `probes` the neighbouring conventions are not tried (each costs a replay of the draft)."""
     findings = check_configs(draft_dir, verifier)
     measured = None
     if not any(f.blocking for f in findings):
-        measured = measure(draft_dir, verifier, prompts, k, max_tokens)
+        measured = measure(draft_dir, verifier, prompts, k, max_tokens, probes=probes)
         findings += diagnose(measured)
         if vllm:
             measured.vllm = measure_in_vllm(draft_dir, verifier, prompts, measured.k, max_tokens)
