@@ -85,3 +85,21 @@ def random_draft(verifier, perturb):
         return perturb(init(verifier(), *args, vocab_mapping=m, seed=seed, **kwargs), scale, seed).eval()
 
     return make
+
+
+def _same_outputs_and_grads(run, attns=("sdpa", "blockwise"), rtol=1e-9):
+    """run(attn) -> (out, grads) for each attention path; the blockwise path must give the dense one's output
+    and gradients (float64: to rounding), with a gradient reaching the first input (grads[0])."""
+    (dense, g_dense), (block, g_block) = (run(attn) for attn in attns)
+    torch.testing.assert_close(block, dense, rtol=rtol * 0.1, atol=rtol * 0.1)
+    assert g_block[0].abs().sum() > 0
+    for a, b in zip(g_block, g_dense, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+
+
+@pytest.fixture
+def same_outputs_and_grads():
+    """same_outputs_and_grads(run): conftest._same_outputs_and_grads."""
+    return _same_outputs_and_grads

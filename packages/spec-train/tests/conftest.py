@@ -20,23 +20,10 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def capture_hidden(model, ids: np.ndarray, layer_ids: list[int]) -> np.ndarray:
-    """float32 [T, len(layer_ids), H] for one sequence."""
-    import torch
+    """float32 [T, len(layer_ids), H] for one sequence (spec doctor's reading of the target, vLLM's ids)."""
+    from spec_train.doctor import target_states
 
-    L = model.config.num_hidden_layers
-    grabbed = {}
-
-    def hook(_module, _inputs, output):
-        grabbed["last"] = output[0] if isinstance(output, tuple) else output
-
-    handle = model.model.layers[-1].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            out = model(torch.as_tensor(ids, dtype=torch.long)[None], output_hidden_states=True)
-    finally:
-        handle.remove()
-    states = [grabbed["last"][0] if k == L else out.hidden_states[k][0] for k in layer_ids]
-    return torch.stack(states, dim=1).float().numpy()
+    return target_states(model, [int(t) for t in ids])[layer_ids].transpose(0, 1).float().numpy()
 
 
 def write_dataset(

@@ -47,37 +47,10 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     about: str = ""
 
 
-# As published on the Hub (dataset cards); `spec datagen --list-presets` prints them.
-PRESETS: dict[str, Preset] = {
-    "ultrachat_200k": Preset(
-        id="HuggingFaceH4/ultrachat_200k", split="train_sft", field="messages", layout="messages",
-        about="200k multi-turn chats (UltraChat, filtered)",
-    ),
-    "sharegpt": Preset(
-        id="Aeala/ShareGPT_Vicuna_unfiltered", split="train", field="conversations", layout="sharegpt",
-        about="ShareGPT conversations (Vicuna's cleaned split)",
-    ),
-    "magpie": Preset(
-        id="Magpie-Align/Magpie-Llama-3.1-Pro-300K-Filtered", split="train", field="conversations",
-        layout="sharegpt", about="300k Magpie instructions with Llama-3.1-70B replies",
-    ),
-    "open-perfectblend": Preset(
-        id="mlabonne/open-perfectblend", split="train", field="conversations", layout="sharegpt",
-        about="1.4M chat, math, code and instruction-following conversations",
-    ),
-    "nemotron": Preset(
-        id="nvidia/Nemotron-Post-Training-Dataset-v1", split="chat", field="messages", layout="messages",
-        about="NVIDIA's post-training chat split",
-    ),
-    "hermes-fc": Preset(
-        id="NousResearch/hermes-function-calling-v1", config="func_calling_singleturn", split="train",
-        field="conversations", layout="sharegpt", about="function-calling conversations with tool turns",
-    ),
-    "gsm8k": Preset(
-        id="openai/gsm8k", config="main", split="train", field="question", completion="answer",
-        layout="prompt_completion", about="grade-school maths problems with worked answers",
-    ),
-}  # fmt: skip
+# As published on the Hub (dataset cards), in resources/presets.json; `spec datagen --list-presets` prints them.
+PRESETS: dict[str, Preset] = msgspec.json.decode(
+    (Path(__file__).parent / "resources" / "presets.json").read_bytes(), type=dict[str, Preset]
+)
 
 
 class HubData(msgspec.Struct, frozen=True, kw_only=True):
