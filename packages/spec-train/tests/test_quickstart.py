@@ -27,6 +27,7 @@ from spec_format.checkpoint import read_config
 from spec_format.dataset import Dataset
 from spec_format.fingerprint import default_eagle3_layers
 from spec_format.validate import validate_checkpoint
+from spec_train.evaluate import acceptance_series
 
 # A quick start (the fixtures below, timed with the first test that uses each) takes minutes on a quiet
 # machine and may take more than the suite's 900 s on a busy one.
@@ -114,8 +115,13 @@ def test_quickstart_runs_every_stage_and_reports(quickstart, demo_model):
     for entry in (report["baseline"], report["draft"], ngram):
         (run,) = entry["runs"]
         assert 0 < run["output_tokens"] <= report["num_prompts"] * TINY["eval_tokens"], run
-    # TODO(integrator): the charts helper makes eval/acceptance.png record what it plotted; assert here that
-    # it plotted the draft's and n-gram's acceptance_per_position from this report.
+    # eval/acceptance.png's lines (test_plots.py reads a figure's lines back): the draft's rates, and n-gram's
+    # labelled with the share of steps it drafted on
+    lines = acceptance_series(report)
+    assert lines["draft, k=3"] == report["draft"]["acceptance_per_position"]
+    (label,) = [x for x in lines if x.startswith("n-gram")]
+    assert label.startswith(f"n-gram, k=3 (drafted on {ngram['drafted_share']:.0%} of steps"), label
+    assert (out / "eval" / "acceptance.png").is_file()
 
     # the report printed for the user carries those figures
     draft = report["draft"]
