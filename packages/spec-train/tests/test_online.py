@@ -1,8 +1,7 @@
-"""Online training on the real SmolLM2 target: an online run whose capture process is killed and which then
-resumes, its --cache (a dataset like spec datagen's), and `spec train` on that cache against the online run.
+"""Online training on the real SmolLM2 target: `spec train --online` against `spec datagen` + `spec train` on
+the same rows, an online run whose capture process is killed and which then resumes, and its --cache.
 
-Engine starts (each in its own process, 35-50 s): the online run's, its resumption's. (`spec datagen` from
-the same rows is the quick-start test's capture stage; the capture code is one, spec_datagen.pipeline.)
+Engine starts (each in its own process, 35-50 s): spec datagen's, the online run's, its resumption's.
 """
 
 from __future__ import annotations
@@ -74,6 +73,7 @@ class Runs(msgspec.Struct):
     killed: subprocess.CompletedProcess
     leftover: list[int]  # processes of the killed run still alive after it exited
     resumed_stderr: str
+    datagen_stderr: str
 
 
 def session_members(sid: int) -> list[int]:
@@ -97,6 +97,11 @@ def runs(demo_model, spec_cli, run_train, tmp_path_factory) -> Runs:
     tmp = tmp_path_factory.mktemp("online")
     rows = conversations(tmp / "rows.jsonl")
     m = str(demo_model)
+    datagen = subprocess.run([spec_cli, "datagen", m, "--data", str(rows), "--out", str(tmp / "ds"), "--no-progress"],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert datagen.returncode == 0, datagen.stderr[-3000:]
+    run_train([str(tmp / "ds"), "--verifier", m, "--out", str(tmp / "offline"), *STEPS], timeout=900)
+
     # Online with a cache; the capture process kills itself before it sends its last sample (the first
     # epoch's last row, which step 5 reads: the step-4 checkpoint is on disk by then).
     online = [sys.executable, "-m", "spec_train", "--online", m, "--data", str(rows), "--cache", str(tmp / "cache"),
@@ -118,11 +123,8 @@ def runs(demo_model, spec_cli, run_train, tmp_path_factory) -> Runs:
     while (leftover := session_members(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     resumed = run_train(online[3:] + ["--resume"], timeout=900)
-    # The same steps offline, from the dataset the online run cached.
-    run_train([str(tmp / "cache"), "--verifier", m, "--out", str(tmp / "offline"), *STEPS], timeout=900)
-    return Runs(
-        str(tmp / "offline"), str(tmp / "online"), str(tmp / "cache"), killed, leftover, resumed.stderr
-    )
+    return Runs(str(tmp / "offline"), str(tmp / "online"), str(tmp / "cache"), killed, leftover, resumed.stderr,
+                datagen.stderr)  # fmt: skip
 
 
 @pytest.mark.e2e
@@ -138,7 +140,7 @@ def test_engine_death_stops_training_in_one_line_and_resume_continues(runs):
 
 
 @pytest.mark.e2e
-def test_online_run_matches_training_on_its_cache(runs):
+def test_online_run_matches_datagen_then_train(runs):
     on, off = metrics(Path(runs.online)), metrics(Path(runs.offline))
     # The same rows in the same order at every step, before and after the resume: per-step training losses
     # agree to the capture's own noise (hidden states of the same tokens, batched differently in vLLM).
@@ -160,21 +162,24 @@ def test_online_run_matches_training_on_its_cache(runs):
         f"val acceptance online {v_on['acceptance_length']:.4f} offline {v_off['acceptance_length']:.4f}, se {se:.4f}"
     )
     assert abs(v_on["acceptance_length"] - v_off["acceptance_length"]) <= 2 * se
-    # The broken row, and no other, reported by FILE:LINE.
-    assert set(re.findall(r"rows\.jsonl:(\d+): ", runs.killed.stderr)) == {"21"}, runs.killed.stderr[-3000:]
+    # Both paths reported the broken row, and no other, by FILE:LINE.
+    for stderr in (runs.datagen_stderr, runs.killed.stderr):
+        assert set(re.findall(r"rows\.jsonl:(\d+): ", stderr)) == {"21"}, stderr[-3000:]
 
 
 @pytest.mark.e2e
-def test_cache_is_a_valid_dataset_an_offline_run_trains_from(runs, spec_cli):
+def test_cache_is_a_valid_dataset_an_offline_run_trains_from(runs, spec_cli, demo_model, run_train, tmp_path):
     proc = subprocess.run(
         [spec_cli, "validate", "--deep", runs.cache], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from spec_format.dataset import Dataset
 
-    ds = Dataset(runs.cache)  # every good row once (40; line 21 is broken), whatever the kill interrupted
-    assert len(ds) == len(set(ds.source_indices)) == len(TOPICS) * 2
-    assert (Path(runs.offline) / "final" / "model.safetensors").is_file()  # the fixture trained from it
+    ds, src = Dataset(runs.cache), Dataset(Path(runs.offline).parent / "ds")
+    assert len(ds) == len(src) and sorted(ds.source_indices) == sorted(src.source_indices)
+    run_train([runs.cache, "--verifier", str(demo_model), "--out", str(tmp_path / "r"), "--max-steps", "2",
+               "--batch-tokens", "512", "--no-progress"], timeout=600)  # fmt: skip
+    assert (tmp_path / "r" / "final" / "model.safetensors").is_file()
 
 
 def test_capture_jobs_send_what_the_trainer_reads_and_cache_what_is_missing():
