@@ -57,15 +57,20 @@ def layer_ids_for(algorithm: str, target: str) -> list[int]:
 
 
 def tokenize(target: str, data: list[str], max_len: int, long: str, on_error: str, report=None) -> list:
-    """Every usable row of `data` rendered and masked exactly as spec datagen does (FILE:LINE reports and
-    --on-error policy included): [TokenizedSample], sample k = the k-th usable row."""
+    """Every usable row of `data` rendered and masked exactly as spec datagen does (FILE:LINE reports,
+    --on-error policy and its default held-out filter included: rows near the built-in evaluation prompts
+    are dropped): [TokenizedSample], sample k = the k-th usable row."""
+    from spec_datagen.heldout import HeldOut, default_sets
     from spec_datagen.pipeline import tokenized_samples
     from spec_datagen.template import ChatRenderer
 
     kwargs = {} if report is None else {"report": report}
     renderer = ChatRenderer.for_model(target)
+    held_out = HeldOut.of(default_sets())
     return list(
-        tokenized_samples(list(data), renderer, max_len=max_len, long=long, on_error=on_error, **kwargs)
+        tokenized_samples(
+            list(data), renderer, max_len=max_len, long=long, on_error=on_error, held_out=held_out, **kwargs
+        )  # fmt: skip
     )
 
 
