@@ -2,7 +2,9 @@
 here: every test reads a tiny directory in the Hub's layout (Parquet files + README.md with `configs:`), the
 same code path as a Hub id, with the Hub switched off."""
 
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -142,7 +144,6 @@ def test_a_preset_names_its_column_and_layout(hub_dir, monkeypatch):
     [
         ("{d}:default:validation", r"^hf:{d}:default:validation: Bad split: validation. Available splits: \['train', 'test'\]; name one"),
         ("{d}:nope:train", r"^hf:{d}:nope:train: BuilderConfig 'nope' not found. Available: \['default', 'sharegpt'\]"),
-        ("someorg/absent", r"^hf:someorg/absent: 'someorg/absent' cannot be resolved offline \(HF_HUB_OFFLINE"),
         ("ultrachat", r"^hf:ultrachat: 'ultrachat' is neither ORG/NAME nor a preset \(ultrachat_200k, sharegpt"),
         ("a/b:c:d:e", r"^hf:a/b:c:d:e: expected hf:ORG/NAME\[:CONFIG\]\[:SPLIT\]"),
     ],
@@ -150,6 +151,19 @@ def test_a_preset_names_its_column_and_layout(hub_dir, monkeypatch):
 def test_bad_sources_are_one_line(hub_dir, source, message):
     with pytest.raises(SpecError, match=message.format(d=hub_dir)):
         resolve("hf:" + source.format(d=hub_dir))
+
+
+def test_an_id_not_cached_offline_is_one_line():
+    # A process of its own: huggingface_hub reads HF_HUB_OFFLINE when imported, as in a user's `spec` run
+    # (set later, in this process, it would try the network and time out).
+    code = "from spec_datagen.hub import resolve\nresolve('hf:someorg/absent')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert (
+        "SpecError: hf:someorg/absent: 'someorg/absent' cannot be resolved offline (HF_HUB_OFFLINE"
+        in proc.stderr
+    )
 
 
 def test_without_the_datasets_package_hf_sources_say_how_to_install_it(hub_dir, monkeypatch):
