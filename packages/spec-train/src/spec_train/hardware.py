@@ -9,14 +9,25 @@ from pathlib import Path
 import torch
 
 
-def _cpu() -> str:
+def _cpuinfo() -> str:
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
+        return ""
+
+
+def cpu_has_amx() -> bool:
+    """The CPU multiplies bf16 natively (AMX): where training picks bf16 and vLLM-CPU runs bf16 fast."""
+    flags = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return bool(flags) and "amx_bf16" in flags.group(1).split()
+
+
+def _cpu() -> str:
+    info = _cpuinfo()
+    if not info:
         return f"CPU ({os.cpu_count()} cores)"
     model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    amx = ", AMX" if flags and "amx_bf16" in flags.group(1).split() else ""
+    amx = ", AMX" if cpu_has_amx() else ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model.group(1).strip() if model else 'CPU'} ({cores} cores{amx})"
 

@@ -43,6 +43,7 @@ from spec_train.data import (
     train_batches,
     training_split,
 )
+from spec_train.hardware import cpu_has_amx
 from spec_train.hardware import describe as describe_hardware
 from spec_train.loss import Objective
 from spec_train.metrics import MetricsLog, estimate, plot
@@ -55,11 +56,7 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     CPUs: there bf16 is emulated and slower."""
     if device.type != "cpu":
         return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if " amx_bf16" in flags else torch.float32
+    return torch.bfloat16 if cpu_has_amx() else torch.float32
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
