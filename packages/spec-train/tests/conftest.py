@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def capture_hidden(model, ids: np.ndarray, layer_ids: list[int]) -> np.ndarray:
-    """float32 [T, len(layer_ids), H] for one sequence (spec doctor's reading of the target, vLLM's ids)."""
-    from spec_train.doctor import target_states
+    """float32 [T, len(layer_ids), H] for one sequence (simulate.target_states: vLLM's capture ids)."""
+    from spec_train.simulate import target_states
 
     return target_states(model, [int(t) for t in ids])[layer_ids].transpose(0, 1).float().numpy()
 

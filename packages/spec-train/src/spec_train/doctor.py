@@ -199,25 +199,6 @@ def check_configs(draft_dir: Path, verifier: Path) -> list[Finding]:
 # Measurement.
 
 
-def target_states(target, sequence: list[int]):
-    """[L + 1, T, H]: the target's residual stream at every capture id 0..L (id L before the final norm,
-    as vLLM captures it; transformers' hidden_states[L] is after it)."""
-    import torch
-
-    grabbed = {}
-
-    def hook(_module, _inputs, output):
-        grabbed["last"] = output[0] if isinstance(output, tuple) else output
-
-    handle = target.model.layers[-1].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            out = target(torch.tensor([sequence]), output_hidden_states=True)
-    finally:
-        handle.remove()
-    return torch.stack([*out.hidden_states[:-1], grabbed["last"]])[:, 0]
-
-
 def _aux(states, ids: list[int]):
     """[T, len(ids) * H] from target_states."""
     import torch
@@ -260,7 +241,7 @@ def measure(draft_dir: Path, verifier: Path, prompts: list[list[int]], k: int | 
     from spec_format.console import say
     from spec_models import load
     from spec_train.evaluate import acceptance_stderr
-    from spec_train.simulate import greedy_continuations, simulate
+    from spec_train.simulate import greedy_continuations, simulate, target_states
 
     draft = load(draft_dir, verifier).float().eval()
     k = k or draft.config.speculative_tokens

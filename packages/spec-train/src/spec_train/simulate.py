@@ -74,6 +74,23 @@ def aux_states(target, sequence: list[int], layer_ids: list[int]) -> torch.Tenso
 
 
 @torch.no_grad()
+def target_states(target, sequence: list[int]):
+    """[L + 1, T, H]: the target's residual stream at every capture id 0..L (id L before the final norm,
+    as vLLM captures it; transformers' hidden_states[L] is after it)."""
+    grabbed = {}
+
+    def hook(_module, _inputs, output):
+        grabbed["last"] = output[0] if isinstance(output, tuple) else output
+
+    handle = target.model.layers[-1].register_forward_hook(hook)
+    try:
+        out = target(torch.tensor([sequence]), output_hidden_states=True)
+    finally:
+        handle.remove()
+    return torch.stack([*out.hidden_states[:-1], grabbed["last"]])[:, 0]
+
+
+@torch.no_grad()
 def simulate(
     draft, target, prompts: list[list[int]], continuations: list[list[int]], k: int,
     auxes: list[torch.Tensor] | None = None,
