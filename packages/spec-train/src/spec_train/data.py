@@ -94,10 +94,7 @@ def cut_report(ds, samples: np.ndarray, budget: int) -> str | None:
         return None
     mask = (lambda i: ds.samples[i].loss_mask) if hasattr(ds, "samples") else (lambda i: ds.raw(i).loss_mask)
     lost = sum(int(mask(i)[budget:].sum()) for i in cut.tolist())
-    if hasattr(ds, "supervised_lengths"):
-        total = int(ds.supervised_lengths[samples].sum())
-    else:
-        total = sum(int(mask(i).sum()) for i in samples.tolist())
+    total = int(ds.supervised_lengths[samples].sum())
     keep = -(-int(lengths.max()) // 128) * 128
     return (
         f"warning: {len(cut)} of {len(samples)} training samples are longer than --batch-tokens {budget} and "

@@ -86,6 +86,7 @@ class OnlineData:
             raise SpecError(f"--data {' '.join(data)}: no usable rows to train on")
         self.manifest = OnlineManifest(fingerprint_model_dir(target), layer_ids_for(algorithm, target))
         self.lengths = np.array([len(s.token_ids) for s in self.samples], dtype=np.int64)
+        self.supervised_lengths = np.array([int(s.loss_mask.sum()) for s in self.samples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.samples)
