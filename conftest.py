@@ -23,17 +23,62 @@ _ENGINE_LOG = Path(tempfile.gettempdir()) / f"spec-engine-starts-{os.getpid()}.l
 MAX_LIVE_ENGINES = int(os.environ.get("SPEC_MAX_LIVE_ENGINES", "2"))
 
 
+# The suite runs in two pytest-xdist workers (addopts: -n auto --dist loadfile), each pinned to its own half
+# of the cores: on two cores one worker's imports, engine start-ups and subprocess launches (single-threaded,
+# about half the suite's wall time) overlap the other's compute. Unpinned, two engines or trainings with
+# OpenMP threads bound to the same cores slowed each other 15x (docs/testing.md).
+MAX_WORKERS = 2
+
+# Files that take minutes go to the workers first (their files in this order, then the rest as collected),
+# so that neither worker is left with a long file at the end while the other idles. Seconds on a quiet
+# 2-core AMX CPU, single process (docs/testing.md).
+LONGEST_FIRST = (
+    "packages/spec-train/tests/test_quickstart.py",  # 560 s
+    "packages/spec-train/tests/test_online.py",  # 190 s
+    "packages/spec-datagen/tests/test_cli.py",  # 110 s
+    "packages/spec-train/tests/test_doctor.py",  # 100 s
+    "packages/spec-datagen/tests/test_regenerate.py",  # 90 s
+)
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def _pin_worker() -> None:
+    """In xdist worker gwN of M: keep this process (and every process it starts, which inherit it) on the
+    N-th of M equal slices of the cores, with OpenMP sized to match (vLLM binds its threads to the cores it
+    is given: spec_datagen.runtime.cpu_environment)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or int(count) < 2:
+        return
+    cores, n, i = sorted(os.sched_getaffinity(0)), int(count), int(worker.removeprefix("gw"))
+    mine = cores[i * len(cores) // n : (i + 1) * len(cores) // n] or cores
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+
+
 def pytest_configure(config):
-    # Subprocesses inherit this; spec_format.diagnostics.record_engine_start appends to it.
-    os.environ["SPEC_ENGINE_LOG"] = str(_ENGINE_LOG)
-    _ENGINE_LOG.write_text("")
+    _pin_worker()
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        # Subprocesses and xdist workers inherit this; spec_format.diagnostics.record_engine_start appends.
+        os.environ["SPEC_ENGINE_LOG"] = str(_ENGINE_LOG)
+        _ENGINE_LOG.write_text("")
     # 1 GiB of KV cache per CPU engine (23k SmolLM2 tokens; spec's default is 2): the tests' sequences
     # are short, and the suite's peak (two shared engines in this process beside spec eval's three) came
     # to 19.8 of 23 GiB with 2; CI's one OOM kill (exit 137) was in that stretch.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = Path(__file__).parent
+    items.sort(key=lambda item: rank.get(Path(item.path).relative_to(root).as_posix(), len(rank)))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     starts = _ENGINE_LOG.read_text().splitlines() if _ENGINE_LOG.exists() else []
     kinds: dict[str, int] = {}
     for line in starts:

@@ -28,6 +28,7 @@ def format_only_venv(tmp_path_factory) -> Path:
             str(ROOT / "packages" / "spec-format"),
             "pytest",
             "pytest-timeout",
+            "pytest-xdist",  # the workspace's addopts ask for it (-n)
         ],
         check=True,
         env=env,
@@ -63,6 +64,8 @@ def test_format_tests_pass_without_torch(format_only_venv):
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",
             str(ROOT / "packages" / "spec-format" / "tests"),
         ],
         capture_output=True,

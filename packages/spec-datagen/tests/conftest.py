@@ -194,13 +194,19 @@ def style_model(tmp_path_factory, demo_model):
 
 
 @pytest.fixture(scope="session")
-def capture_llm(vllm_engine, demo_model, tmp_path_factory):
+def capture_storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("capture-files")
+
+
+@pytest.fixture
+def capture_llm(vllm_engine, demo_model, capture_storage):
+    """The shared capture engine, asked for per test: vllm_engine keeps two engines alive, so one held for
+    the session would be shut down under a later test once two others had started."""
     from spec_datagen.capture import capture_engine_kwargs
 
-    storage = tmp_path_factory.mktemp("capture-files")
     kwargs = capture_engine_kwargs(
         CAPTURE_LAYERS,
-        storage,
+        capture_storage,
         max_model_len=CAPTURE_MAX_LEN + 1,
         enable_chunked_prefill=True,
         max_num_batched_tokens=96,

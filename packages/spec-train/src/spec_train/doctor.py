@@ -327,7 +327,7 @@ def measure_in_vllm(
 # Verdict.
 
 
-def _gain(probe: float, base: float) -> bool:
+def gains_far(probe: float, base: float) -> bool:
     """Does a probe's acceptance length beat the draft's far (accepted tokens per step)?"""
     a, b = probe - 1.0, base - 1.0
     return a >= FAR_MORE * b and a - b >= MIN_GAIN
@@ -343,7 +343,7 @@ def diagnose(m: Measured) -> list[Finding]:
         better = [
             p
             for p in m.probes
-            if p.cause == cause and _gain(p.mean_acceptance_length, m.mean_acceptance_length)
+            if p.cause == cause and gains_far(p.mean_acceptance_length, m.mean_acceptance_length)
         ]
         if better:
             best = max(better, key=lambda p: p.mean_acceptance_length)
