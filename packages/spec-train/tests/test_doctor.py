@@ -9,6 +9,7 @@ Offline measurement only (the target in transformers): no engine starts beyond t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -58,18 +59,22 @@ def test_a_healthy_draft_gets_no_problem_found(trained, demo_model, spec_cli, tm
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in SHORT))
     out = tmp_path / "doctor.json"
+    # --vllm too, its engine in the command's process (8 s a start; the quick-start test covers engines in
+    # their own processes)
+    env = {k: v for k, v in os.environ.items() if k != "SPEC_SET_VLLM_MULTIPROCESSING"}
+    env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
     proc = subprocess.run([spec_cli, "doctor", str(Path(trained.run) / "final"), "--verifier", str(demo_model),
-                           "--data", str(prompts), "--max-tokens", str(TOKENS), "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                           "--data", str(prompts), "--max-tokens", str(TOKENS), "--json", str(out), "--vllm"],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.startswith("verdict: no problem found")
+    # (vLLM's engine logs to stdout before the summary)
+    assert "\nverdict: no problem found\n" in "\n" + proc.stdout, proc.stdout[-3000:]
     report = json.loads(out.read_text())
     m = report["measured"]
     assert report["verdict"] == "no problem found" and not [f for f in report["findings"] if f["problem"]]
     assert m["mean_acceptance_length"] > doctor.LOW_ACCEPTANCE
     assert f"mean acceptance length {m['mean_acceptance_length']:.3f}" in proc.stdout
-    # every round filed under a bucket; the draft's own conventions beat each neighbouring one
     # every verification round is in a bucket: each emits its accepted drafts + 1 (the first token of each
     # prompt is the prefill's; a last round that accepts all it can adds one token past the continuation)
     emitted = sum(b["drafts"] * b["mean_acceptance_length"] for b in m["by_context"])
@@ -80,6 +85,13 @@ def test_a_healthy_draft_gets_no_problem_found(trained, demo_model, spec_cli, tm
         doctor.gains_far(p["mean_acceptance_length"], m["mean_acceptance_length"]) for p in m["probes"]
     )
     assert m["trained_max_tokens"] >= m["longest_context"]
+    # vLLM's own counters on the same prompts: what the offline replay predicted, within 5%, and each
+    # prompt's rounds in its prompt-length bucket
+    served = m["vllm"]
+    assert f"vLLM: mean acceptance length {served['mean_acceptance_length']:.3f}" in proc.stdout
+    assert served["mean_acceptance_length"] == pytest.approx(m["mean_acceptance_length"], rel=0.05), served
+    assert len(served["acceptance_per_position"]) == m["k"]
+    assert sum(b["drafts"] for b in served["by_context"]) > 0
 
 
 @pytest.mark.e2e
