@@ -52,6 +52,7 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True):
     # k measured in vLLM, the fastest written into the draft (spec eval --write-k); a draft that vLLM serves
     # at one k only (a block drafter: DFlash) is measured at that k (spec_format.algorithms.servable_ks).
     serve_k: str = "2,3,4"
+    ngram: bool = True  # time n-gram speculation beside the draft (one engine start and one timed run more)
     # A dataset captured before (spec datagen) to train on instead of running the data and capture stages:
     # the test suite trains each algorithm on the EAGLE-3 run's dataset.
     dataset: str | None = None
@@ -148,7 +149,7 @@ def run(out: Path, minutes: float = 20.0, plan: Plan | None = None) -> dict:
     _stage("eval", report_dir / ".done", _spec(
         "eval", str(draft), "--data", "chat", "--data", "humaneval", "--num-prompts", str(plan.eval_prompts),
         "--max-tokens", str(plan.eval_tokens), "--rounds", str(plan.eval_rounds), "--report", str(report_dir),
-        "--k", ",".join(map(str, ks)), "--write-k",
+        "--k", ",".join(map(str, ks)), "--write-k", *([] if plan.ngram else ["--no-ngram"]),
     ))  # fmt: skip
     report = json.loads((report_dir / "eval.json").read_text())
     report["quickstart_minutes"] = round((time.perf_counter() - started) / 60, 1)
@@ -167,7 +168,8 @@ def explain(report: dict, out: Path) -> str:
         f"Serving k: {report['k']}, the fastest of k = {', '.join(str(e['k']) for e in report.get('per_k') or [])} "
         "here, written into the draft's config.json (vLLM reads it)",
         f"Mean acceptance length (k={report['k']}): {draft['mean_acceptance_length']:.2f} tokens per target forward "
-        f"(n-gram: {ngram.get('mean_acceptance_length', float('nan')):.2f}; 1.00 = no gain, {report['k'] + 1} = every draft accepted)",
+        + (f"(n-gram: {ngram['mean_acceptance_length']:.2f}; " if ngram else "(")
+        + f"1.00 = no gain, {report['k'] + 1} = every draft accepted)",
         "Per-position acceptance: " + ", ".join(f"{a:.2f}" for a in draft["acceptance_per_position"]),
     ]
     for c in sorted(single):
