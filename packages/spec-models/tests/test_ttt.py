@@ -152,6 +152,25 @@ def test_blockwise_attention_equals_dense_mask_with_gradients(cfg, random_model,
     same_outputs_and_grads(run)
 
 
+def test_blockwise_attention_in_bf16_autocast_agrees_with_the_dense_mask(random_model):
+    """Training in bf16 (autocast, spec train's choice on AMX CPUs) runs the flash kernels in bf16: outputs
+    and gradients within bf16's rounding of the dense mask's under the same autocast."""
+    model = random_model(num_layers=1, layer_type="llama")
+    step_ids, aux, pos = packed_batch([9, 1, 14], 3)
+    aux = aux.requires_grad_(True)
+    params = [aux] + [p for p in model.parameters() if p.requires_grad]
+    runs = {}
+    for attn in ("sdpa", "blockwise"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward_ttt(model, step_ids, aux, pos, attn=attn)
+        grads = torch.autograd.grad(out.float().square().sum(), params, allow_unused=True)
+        runs[attn] = (out.float(), grads)
+    (o1, g1), (o2, g2) = runs["sdpa"], runs["blockwise"]
+    assert (o2 - o1).norm() <= 2e-2 * o1.norm()
+    pairs = [(a, b) for a, b in zip(g1, g2) if a is not None]
+    assert len(pairs) > 5 and all((b - a).norm() <= 3e-2 * a.norm() for a, b in pairs)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "blockwise"])
 def test_gradient_checkpointing_gives_the_same_gradients(attn, random_model):
     """Activation checkpointing of the draft layers recomputes them in the backward: same gradients."""

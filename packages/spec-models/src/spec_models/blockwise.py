@@ -13,8 +13,10 @@ backward does not take. It takes one extra head column: with q, k, v padded by a
 column of ones and dout by -dlse, the kernel's rowsum(dout * out) becomes D - dlse, which is exactly the
 softmax backward with the extra log-sum-exp gradient (dS = P * (dP - D + dlse)).
 
-CPU only (aten's CPU flash kernels, fp32: their bf16 backward is slower); other devices keep the dense
-mask or flex attention (ttt.forward_ttt's `attn`).
+CPU only (aten's CPU flash kernels); other devices keep the dense mask or flex attention
+(ttt.forward_ttt's `attn`). The kernels run in bf16 when training does (autocast bf16, which spec train
+picks on CPUs with AMX: there they take 102 us a token of an 8k-token row forward and backward, against
+175 in fp32), else in fp32; the log-sum-exp merge and everything around it stays fp32.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
-def _context(q, k, v, spans, scale):
-    """Causal attention within each document: (out [B, h, T, d], lse [B, h, T])."""
+def _context(q, k, v, spans, scale, kernel_dtype):
+    """Causal attention within each document, the kernel in kernel_dtype: (out [B, h, T, d], lse [B, h, T])
+    in q's dtype."""
     out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+    q_, k_, v_ = (x.to(kernel_dtype) for x in (q, k, v))
     for b, row in enumerate(spans):
         for s, e in row:
             o, m = _fwd(
-                q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], 0.0, True, scale=scale
+                q_[b : b + 1, :, s:e], k_[b : b + 1, :, s:e], v_[b : b + 1, :, s:e], 0.0, True, scale=scale
             )
             out[b, :, s:e], lse[b, :, s:e] = o[0], m[0]
     return out, lse
@@ -52,15 +56,15 @@ def _context(q, k, v, spans, scale):
 
 class _DocCausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, xk, xv, spans):
+    def forward(ctx, q, k, v, xk, xv, spans, kernel_dtype):
         scale = q.shape[-1] ** -0.5
-        oc, lc = _context(q, k, v, spans, scale)  # [B, h, T, d], [B, h, T]
+        oc, lc = _context(q, k, v, spans, scale, kernel_dtype)  # [B, h, T, d], [B, h, T]
         sx = (q[:, :, :, None] * xk).sum(-1) * scale  # [B, h, T, n]: own-key scores
         lse = torch.logaddexp(lc, sx.logsumexp(-1)) if sx.shape[-1] else lc
         w0, wx = (lc - lse).exp(), (sx - lse[..., None]).exp()
         out = w0[..., None] * oc + (wx[..., None] * xv).sum(-2)
         ctx.save_for_backward(q, k, v, xk, xv, oc, lc, sx, lse, out)
-        ctx.spans, ctx.scale = spans, scale
+        ctx.spans, ctx.scale, ctx.kernel_dtype = spans, scale, kernel_dtype
         return out
 
     @staticmethod
@@ -76,10 +80,10 @@ class _DocCausalAttention(torch.autograd.Function):
         dxk = dsx[..., None] * q[:, :, :, None] * scale
         dq = (dsx[..., None] * xk).sum(-2) * scale
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        pad = lambda x, c: F.pad(x, (0, 1), value=c)  # noqa: E731
+        pad = lambda x, c: F.pad(x, (0, 1), value=c).to(ctx.kernel_dtype)  # noqa: E731
         q1, k1, v1 = pad(q, 0.0), pad(k, 0.0), pad(v, 0.0)
-        o1 = torch.cat([oc, torch.ones_like(oc[..., :1])], -1)
-        g1 = torch.cat([doc_, -dlc[..., None]], -1)
+        o1 = torch.cat([oc, torch.ones_like(oc[..., :1])], -1).to(ctx.kernel_dtype)
+        g1 = torch.cat([doc_, -dlc[..., None]], -1).to(ctx.kernel_dtype)
         for b, row in enumerate(ctx.spans):
             for s, e in row:
                 sl = (slice(b, b + 1), slice(None), slice(s, e))
@@ -89,7 +93,7 @@ class _DocCausalAttention(torch.autograd.Function):
                 dq[sl] += gq[..., :-1]
                 dk[sl] += gk[..., :-1]
                 dv[sl] += gv[..., :-1]
-        return dq, dk, dv, dxk, dxv, None
+        return dq, dk, dv, dxk, dxv, None, None
 
 
 def stack_own(keys: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -111,12 +115,14 @@ def doc_causal_attention(
 
     q [B, h, T, d]; k, v [B, kv_h, T, d] (slot order); own_k, own_v [B, kv_h, T, n, d] (n >= 0 keys per
     slot); spans: document_spans(position_ids). Returns [B, h, T, d] in q's dtype. Query head i reads KV
-    head i // (h / kv_h), as in vLLM. Computed in fp32 (fp64 inputs: fp64), autocast off.
+    head i // (h / kv_h), as in vLLM. Computed in fp32 (fp64 inputs: fp64), autocast off; the flash kernels
+    in bf16 where q is bf16 (autocast bf16 training).
     """
     h, kv = q.shape[1], k.shape[1]
     with torch.autocast(q.device.type, enabled=False):
         args = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in (q, k, v, own_k, own_v)]
         if kv != h:
             args[1:] = [x.repeat_interleave(h // kv, dim=1) for x in args[1:]]
-        out = _DocCausalAttention.apply(*args, spans)
+        kernel_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else args[0].dtype
+        out = _DocCausalAttention.apply(*args, spans, kernel_dtype)
     return out.to(q.dtype)
