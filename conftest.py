@@ -4,8 +4,8 @@ Only the standard library is imported at module level: spec-format's tests also 
 with neither torch nor vLLM. Heavy fixtures import what they need when first used.
 
 vLLM engines are expensive (35-50 s to start on two CPU cores), so tests share them: `vllm_engine(key,
-**kwargs)` returns one engine per configuration for the whole session, keeps at most two alive, and
-every engine start (also in subprocesses run by tests) is counted in the summary line.
+**kwargs)` returns one engine per configuration for the whole session (of each xdist worker), keeps at
+most two alive, and every engine start (also in subprocesses run by tests) is counted in the summary line.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MAX_LIVE_ENGINES = int(os.environ.get("SPEC_MAX_LIVE_ENGINES", "2"))
 
 # The suite runs in two pytest-xdist workers (addopts: -n auto --dist loadfile), each pinned to its own half
 # of the cores: on two cores one worker's imports, engine start-ups and subprocess launches (single-threaded,
-# about half the suite's wall time) overlap the other's compute. Unpinned, two engines or trainings with
+# most of the suite's wall time: one process used 132% of 200% CPU) overlap the other's compute. Unpinned, two engines or trainings with
 # OpenMP threads bound to the same cores slowed each other 15x (docs/testing.md).
 MAX_WORKERS = 2
 
@@ -33,11 +33,11 @@ MAX_WORKERS = 2
 # so that neither worker is left with a long file at the end while the other idles. Seconds on a quiet
 # 2-core AMX CPU, single process (docs/testing.md).
 LONGEST_FIRST = (
-    "packages/spec-train/tests/test_quickstart.py",  # 560 s
-    "packages/spec-train/tests/test_online.py",  # 190 s
-    "packages/spec-datagen/tests/test_cli.py",  # 110 s
-    "packages/spec-train/tests/test_doctor.py",  # 100 s
-    "packages/spec-datagen/tests/test_regenerate.py",  # 90 s
+    "packages/spec-train/tests/test_quickstart.py",  # 536 s
+    "packages/spec-train/tests/test_online.py",  # 185 s
+    "packages/spec-datagen/tests/test_cli.py",  # 101 s
+    "packages/spec-train/tests/test_doctor.py",  # 98 s
+    "packages/spec-datagen/tests/test_regenerate.py",  # 87 s
 )
 
 
