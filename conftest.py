@@ -25,8 +25,9 @@ MAX_LIVE_ENGINES = int(os.environ.get("SPEC_MAX_LIVE_ENGINES", "2"))
 
 # The suite runs in two pytest-xdist workers (addopts: -n auto --dist loadfile), each pinned to its own half
 # of the cores: on two cores one worker's imports, engine start-ups and subprocess launches (single-threaded,
-# most of the suite's wall time: one process used 132% of 200% CPU) overlap the other's compute. Unpinned, two engines or trainings with
-# OpenMP threads bound to the same cores slowed each other 15x (docs/testing.md).
+# most of the suite's wall time: one process used 132% of 200% CPU) overlap the other's compute. Unpinned,
+# two engines or trainings with OpenMP threads bound to the same cores slowed each other 15x
+# (docs/testing.md).
 MAX_WORKERS = 2
 
 # Files that take minutes go to the workers first (their files in this order, then the rest as collected),
@@ -95,6 +96,15 @@ def spec_cli() -> str:
     path = Path(sys.executable).parent / "spec"
     assert path.is_file(), f"{path} is missing: is the workspace installed (uv sync)?"
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def in_process_env() -> dict[str, str]:
+    """Environment for a `spec` command whose vLLM engines start in its own process (8 s a start, not
+    35-50 s): the variable that asks for it as a user would, without the marker spec_datagen.runtime leaves
+    when it set the variable itself, and OpenMP on this process's cores."""
+    env = {k: v for k, v in os.environ.items() if k != "SPEC_SET_VLLM_MULTIPROCESSING"}
+    return env | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
 
 
 @pytest.fixture(scope="session")

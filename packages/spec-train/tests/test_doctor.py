@@ -9,7 +9,6 @@ Offline measurement only (the target in transformers): no engine starts beyond t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,17 +54,15 @@ def _edit_config(draft: Path, **fields) -> None:
 
 
 @pytest.mark.e2e
-def test_a_healthy_draft_gets_no_problem_found(trained, demo_model, spec_cli, tmp_path):
+def test_a_healthy_draft_gets_no_problem_found(trained, demo_model, spec_cli, in_process_env, tmp_path):
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in SHORT))
     out = tmp_path / "doctor.json"
     # --vllm too, its engine in the command's process (8 s a start; the quick-start test covers engines in
     # their own processes)
-    env = {k: v for k, v in os.environ.items() if k != "SPEC_SET_VLLM_MULTIPROCESSING"}
-    env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
     proc = subprocess.run([spec_cli, "doctor", str(Path(trained.run) / "final"), "--verifier", str(demo_model),
                            "--data", str(prompts), "--max-tokens", str(TOKENS), "--json", str(out), "--vllm"],
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+                          capture_output=True, text=True, timeout=600, env=in_process_env)  # fmt: skip
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # (vLLM's engine logs to stdout before the summary)

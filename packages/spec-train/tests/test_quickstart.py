@@ -72,7 +72,7 @@ def quickstart(spec_cli, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(SERVE_K))
-def each(request, quickstart, spec_cli, tmp_path_factory):
+def each(request, quickstart, spec_cli, in_process_env, tmp_path_factory):
     """(algorithm, out, proc): the EAGLE-3 run, or another algorithm trained on its dataset."""
     algorithm = request.param
     if algorithm == "eagle3":
@@ -83,9 +83,7 @@ def each(request, quickstart, spec_cli, tmp_path_factory):
         "dataset": str(quickstart[0] / "dataset"),
         "ngram": False,
     }
-    env = {k: v for k, v in os.environ.items() if k != "SPEC_SET_VLLM_MULTIPROCESSING"}
-    env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
-    out, _, proc = _quickstart(spec_cli, tmp_path_factory.mktemp(algorithm), plan, algorithm, env)
+    out, _, proc = _quickstart(spec_cli, tmp_path_factory.mktemp(algorithm), plan, algorithm, in_process_env)
     return algorithm, out, proc
 
 
